@@ -1,0 +1,151 @@
+// Argument checks shared by the CPU, CUDA and Meta kernels. Messages name the op, the argument
+// and what is wrong, with the shapes involved, so a caller can fix the call without reading C++.
+#include "ops.h"
+
+#include <c10/core/SymBool.h>
+#include <c10/util/Exception.h>
+
+namespace opdisagg {
+namespace {
+
+void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op,
+                       const char* arg, const char* ref_arg) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", arg, " is on ", t.device(), " but ",
+              ref_arg, " is on ", ref.device(), "; all tensors must be on one device");
+}
+
+void check_index_tensor(const at::Tensor& ids, const char* op, const char* arg,
+                        int64_t dim, const char* shape_desc) {
+  TORCH_CHECK(ids.scalar_type() == at::kLong, op, ": ", arg, " must be int64, got ",
+              ids.scalar_type());
+  TORCH_CHECK(ids.dim() == dim, op, ": ", arg, " must be ", shape_desc, ", got shape ",
+              ids.sym_sizes());
+}
+
+}  // namespace
+
+void check_reshape_and_cache(const at::Tensor& key, const at::Tensor& value,
+                             const at::Tensor& key_cache, const at::Tensor& value_cache,
+                             const at::Tensor& slot_mapping) {
+  constexpr const char* op = "reshape_and_cache";
+  TORCH_CHECK(key.dim() == 3, op, ": key must be [num_tokens, kv_heads, head_dim], got shape ",
+              key.sym_sizes());
+  TORCH_SYM_CHECK(c10::sym_equals(key.sym_sizes(), value.sym_sizes()), op,
+                  ": value must have the shape of key ", key.sym_sizes(), ", got ",
+                  value.sym_sizes());
+  TORCH_CHECK(key_cache.dim() == 4, op,
+              ": key_cache must be [num_blocks, block_size, kv_heads, head_dim], got shape ",
+              key_cache.sym_sizes());
+  TORCH_SYM_CHECK(c10::sym_equals(key_cache.sym_sizes(), value_cache.sym_sizes()), op,
+                  ": value_cache must have the shape of key_cache ", key_cache.sym_sizes(),
+                  ", got ", value_cache.sym_sizes());
+  TORCH_SYM_CHECK(key_cache.sym_size(2).sym_eq(key.sym_size(1)) &
+                      key_cache.sym_size(3).sym_eq(key.sym_size(2)),
+                  op, ": key_cache [num_blocks, block_size, kv_heads, head_dim] = ",
+                  key_cache.sym_sizes(), " does not match key [num_tokens, kv_heads, head_dim] = ",
+                  key.sym_sizes(), " in kv_heads/head_dim");
+  TORCH_CHECK(key.scalar_type() == key_cache.scalar_type() &&
+                  value.scalar_type() == key_cache.scalar_type() &&
+                  value_cache.scalar_type() == key_cache.scalar_type(),
+              op, ": key, value, key_cache and value_cache must share one dtype, got ",
+              key.scalar_type(), ", ", value.scalar_type(), ", ", key_cache.scalar_type(), ", ",
+              value_cache.scalar_type());
+  check_index_tensor(slot_mapping, op, "slot_mapping", 1, "1-D [num_tokens]");
+  TORCH_SYM_CHECK(slot_mapping.sym_size(0).sym_eq(key.sym_size(0)), op,
+                  ": slot_mapping has ", slot_mapping.sym_size(0), " entries but key has ",
+                  key.sym_size(0), " tokens");
+  check_same_device(key, key_cache, op, "key", "key_cache");
+  check_same_device(value, key_cache, op, "value", "key_cache");
+  check_same_device(value_cache, key_cache, op, "value_cache", "key_cache");
+  check_same_device(slot_mapping, key_cache, op, "slot_mapping", "key_cache");
+}
+
+void check_copy_blocks(at::TensorList key_caches, at::TensorList value_caches,
+                       const at::Tensor& block_mapping) {
+  constexpr const char* op = "copy_blocks";
+  TORCH_CHECK(key_caches.size() == value_caches.size(), op, ": got ", key_caches.size(),
+              " key_caches but ", value_caches.size(), " value_caches");
+  check_index_tensor(block_mapping, op, "block_mapping", 2, "[num_pairs, 2] (src, dst)");
+  TORCH_SYM_CHECK(block_mapping.sym_size(1).sym_eq(2), op,
+                  ": block_mapping must be [num_pairs, 2] (src, dst), got shape ",
+                  block_mapping.sym_sizes());
+  auto check_list = [&](at::TensorList caches, const char* arg) {
+    for (size_t i = 0; i < caches.size(); ++i) {
+      TORCH_CHECK(caches[i].dim() >= 1, op, ": ", arg, "[", i,
+                  "] must have a leading num_blocks dim, got a 0-d tensor");
+      TORCH_CHECK(caches[i].device() == block_mapping.device(), op, ": ", arg, "[", i,
+                  "] is on ", caches[i].device(), " but block_mapping is on ",
+                  block_mapping.device(), "; all tensors must be on one device");
+    }
+  };
+  check_list(key_caches, "key_caches");
+  check_list(value_caches, "value_caches");
+}
+
+void check_gather_blocks(const at::Tensor& cache, const at::Tensor& block_ids) {
+  constexpr const char* op = "gather_blocks";
+  TORCH_CHECK(cache.dim() >= 1, op,
+              ": cache must have a leading num_blocks dim, got a 0-d tensor");
+  check_index_tensor(block_ids, op, "block_ids", 1, "1-D [n]");
+  check_same_device(block_ids, cache, op, "block_ids", "cache");
+}
+
+void check_scatter_blocks(const at::Tensor& buffer, const at::Tensor& cache,
+                          const at::Tensor& block_ids) {
+  constexpr const char* op = "scatter_blocks";
+  TORCH_CHECK(cache.dim() >= 1, op,
+              ": cache must have a leading num_blocks dim, got a 0-d tensor");
+  check_index_tensor(block_ids, op, "block_ids", 1, "1-D [n]");
+  TORCH_CHECK(buffer.dim() == cache.dim(), op, ": buffer must be [n, *cache.shape[1:]] = [",
+              block_ids.sym_size(0), ", ", cache.sym_sizes().slice(1), "], got shape ",
+              buffer.sym_sizes());
+  TORCH_SYM_CHECK(buffer.sym_size(0).sym_eq(block_ids.sym_size(0)) &
+                      c10::sym_equals(buffer.sym_sizes().slice(1), cache.sym_sizes().slice(1)),
+                  op, ": buffer must be [n, *cache.shape[1:]] = [", block_ids.sym_size(0), ", ",
+                  cache.sym_sizes().slice(1), "], got shape ", buffer.sym_sizes());
+  TORCH_CHECK(buffer.scalar_type() == cache.scalar_type(), op, ": buffer dtype ",
+              buffer.scalar_type(), " does not match cache dtype ", cache.scalar_type());
+  check_same_device(buffer, cache, op, "buffer", "cache");
+  check_same_device(block_ids, cache, op, "block_ids", "cache");
+}
+
+void check_contiguous(const at::Tensor& t, const char* op, const char* arg) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", arg, " must be contiguous (got strides ",
+              t.strides(), " for shape ", t.sizes(), ")");
+}
+
+void check_kernel_layout_reshape_and_cache(const at::Tensor& key, const at::Tensor& value,
+                                           const at::Tensor& key_cache,
+                                           const at::Tensor& value_cache) {
+  constexpr const char* op = "reshape_and_cache";
+  check_contiguous(key_cache, op, "key_cache");
+  check_contiguous(value_cache, op, "value_cache");
+  // A size-1 dim may carry any stride; only the head vector itself must be dense.
+  TORCH_CHECK(key.size(2) <= 1 || key.stride(2) == 1, op,
+              ": key must have a unit stride on head_dim, got strides ", key.strides());
+  TORCH_CHECK(value.size(2) <= 1 || value.stride(2) == 1, op,
+              ": value must have a unit stride on head_dim, got strides ", value.strides());
+}
+
+void check_ids_in_range(const at::Tensor& ids, int64_t lo, int64_t hi, const char* op,
+                        const char* arg, const char* range_desc) {
+  const int64_t* p = ids.const_data_ptr<int64_t>();
+  const int64_t n = ids.numel();
+  // Serial and before any write: a bad id must not leave the cache half updated.
+  for (int64_t i = 0; i < n; ++i) {
+    if (C10_UNLIKELY(p[i] < lo || p[i] >= hi)) {
+      const auto pos = ids.dim() == 2 ? c10::str("[", i / ids.size(1), ", ", i % ids.size(1), "]")
+                                      : c10::str("[", i, "]");
+      TORCH_CHECK_INDEX(false, op, ": ", arg, pos, " = ", p[i], " is out of range [", lo, ", ",
+                        hi, ") ", range_desc);
+    }
+  }
+}
+
+int64_t block_bytes(const at::Tensor& t) {
+  int64_t n = t.element_size();
+  for (int64_t d = 1; d < t.dim(); ++d) n *= t.size(d);
+  return n;
+}
+
+}  // namespace opdisagg

@@ -1,0 +1,38 @@
+// Shared declarations for the opdisagg ops: argument checks used by every backend (CPU, CUDA,
+// Meta) and the CPU-side helpers. Torch-facing; the CUDA kernels never include this file.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace opdisagg {
+
+// Metadata checks (rank, sizes, dtypes, devices). They compare SymInts so the same code serves
+// the Meta kernels under dynamic shapes, and they never read tensor data (no device sync).
+void check_reshape_and_cache(const at::Tensor& key, const at::Tensor& value,
+                             const at::Tensor& key_cache, const at::Tensor& value_cache,
+                             const at::Tensor& slot_mapping);
+void check_copy_blocks(at::TensorList key_caches, at::TensorList value_caches,
+                       const at::Tensor& block_mapping);
+void check_gather_blocks(const at::Tensor& cache, const at::Tensor& block_ids);
+void check_scatter_blocks(const at::Tensor& buffer, const at::Tensor& cache,
+                          const at::Tensor& block_ids);
+
+// Layout checks for the real kernels: caches are written by flat block/slot offsets, so they
+// must be contiguous; K/V rows may be strided (slices of a fused QKV output) but each head's
+// vector must be dense.
+void check_kernel_layout_reshape_and_cache(const at::Tensor& key, const at::Tensor& value,
+                                           const at::Tensor& key_cache,
+                                           const at::Tensor& value_cache);
+void check_contiguous(const at::Tensor& t, const char* op, const char* arg);
+
+// Raises naming `op`, `arg`, the first bad position and value if any id of the contiguous CPU
+// int64 tensor `ids` lies outside [lo, hi).
+void check_ids_in_range(const at::Tensor& ids, int64_t lo, int64_t hi, const char* op,
+                        const char* arg, const char* range_desc);
+
+// Bytes of one leading-dim slice (one block) of a contiguous tensor; valid when size(0) == 0.
+int64_t block_bytes(const at::Tensor& t);
+
+}  // namespace opdisagg

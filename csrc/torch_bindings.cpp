@@ -1,0 +1,67 @@
+// Schemas of the opdisagg ops, their Meta kernels, and the Python module init of opdisagg_rt._C.
+//
+// The ops go through the dispatcher (TORCH_LIBRARY) rather than pybind11 so they are callable as
+// torch.ops.opdisagg.*, traceable by torch.compile, and have one schema shared by CPU and CUDA.
+#include <Python.h>
+
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+namespace opdisagg {
+namespace {
+
+// Meta kernels: shape/dtype checks plus the output shape, nothing else. Used by FakeTensor
+// (torch.compile, opcheck) and written with SymInts so dynamic shapes work.
+void reshape_and_cache_meta(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                            at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+  check_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping);
+}
+
+void copy_blocks_meta(at::TensorList key_caches, at::TensorList value_caches,
+                      const at::Tensor& block_mapping) {
+  check_copy_blocks(key_caches, value_caches, block_mapping);
+}
+
+at::Tensor gather_blocks_meta(const at::Tensor& cache, const at::Tensor& block_ids) {
+  check_gather_blocks(cache, block_ids);
+  auto sizes = cache.sym_sizes().vec();
+  sizes[0] = block_ids.sym_size(0);
+  return at::empty_symint(sizes, cache.options());
+}
+
+void scatter_blocks_meta(const at::Tensor& buffer, at::Tensor& cache, const at::Tensor& block_ids) {
+  check_scatter_blocks(buffer, cache, block_ids);
+}
+
+}  // namespace
+}  // namespace opdisagg
+
+TORCH_LIBRARY(opdisagg, m) {
+  // Write each token's K/V rows into the paged caches at slot = block * block_size + offset;
+  // slot -1 (padding, or a token whose KV is not cached) is skipped.
+  m.def(
+      "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache,"
+      " Tensor slot_mapping) -> ()");
+  // Copy whole blocks src -> dst in every layer's K and V cache (copy-on-write of shared blocks).
+  m.def("copy_blocks(Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, Tensor block_mapping) -> ()");
+  // Paged blocks <-> one contiguous buffer, for offload to the KV store and for transfer.
+  m.def("gather_blocks(Tensor cache, Tensor block_ids) -> Tensor");
+  m.def("scatter_blocks(Tensor buffer, Tensor(a!) cache, Tensor block_ids) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(opdisagg, Meta, m) {
+  m.impl("reshape_and_cache", &opdisagg::reshape_and_cache_meta);
+  m.impl("copy_blocks", &opdisagg::copy_blocks_meta);
+  m.impl("gather_blocks", &opdisagg::gather_blocks_meta);
+  m.impl("scatter_blocks", &opdisagg::scatter_blocks_meta);
+}
+
+// A bare module: importing opdisagg_rt._C runs the static registrations above; Python reaches
+// the ops through torch.ops.opdisagg, so the module itself exports nothing.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "opdisagg_rt C++ ops", -1,
+                                   nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,160 @@
+"""`python -m opdisagg_rt.bench`: throughput and latency of the engine against a peer run in
+the same process on the same prompts and weights."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return float(torch.tensor(values, dtype=torch.float64).quantile(q / 100))
+
+
+def random_prompts(num: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """Random token ids (as vLLM's random dataset): the same prompts for every system."""
+    g = torch.Generator().manual_seed(seed)
+    # Skip the low ids, where tokenizers keep their special tokens.
+    return torch.randint(1000, vocab, (num, length), generator=g).tolist()
+
+
+def run_engine(engine, prompts: list[list[int]], output_len: int) -> dict:
+    from opdisagg_rt.sampling import SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    engine.generate([p[:8] for p in prompts[:2]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    start = time.perf_counter()
+    outs = engine.generate(prompts, params, use_tqdm=True)
+    elapsed = time.perf_counter() - start
+    n_out = sum(len(o.token_ids) for o in outs)
+    ttft = [o.metrics.ttft * 1e3 for o in outs]
+    tpot = [o.metrics.tpot * 1e3 for o in outs if o.metrics.tpot is not None]
+    return {
+        "throughput_tok_s": n_out / elapsed,
+        "total_tok_s": (n_out + sum(len(p) for p in prompts)) / elapsed,
+        "elapsed_s": elapsed, "output_tokens": n_out,
+        "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
+        "tpot_ms_p50": percentile(tpot, 50), "tpot_ms_p99": percentile(tpot, 99),
+    }
+
+
+def run_hf(loaded, prompts: list[list[int]], output_len: int, dtype: torch.dtype) -> dict:
+    """HF transformers `generate` on the same weights: the whole batch at once (its best case)."""
+    from opdisagg_rt.models.hf_reference import hf_model_from_loaded
+    model = hf_model_from_loaded(loaded, dtype)
+    ids = torch.tensor(prompts)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        model.generate(ids[:2, :8], attention_mask=torch.ones_like(ids[:2, :8]), max_new_tokens=4, **kw)
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
+                             min_new_tokens=output_len, **kw)
+        elapsed = time.perf_counter() - start
+    n_out = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    return {"throughput_tok_s": n_out / elapsed, "elapsed_s": elapsed, "output_tokens": n_out}
+
+
+def profile_decode_step(engine, batch_size: int, context: int) -> dict[str, float]:
+    """Milliseconds per operation kind in one decode step of `batch_size` sequences."""
+    from opdisagg_rt.models.executor import profile_ops
+    from opdisagg_rt.sampling import SamplingParams
+    from opdisagg_rt.scheduler.request import Request
+    from opdisagg_rt.scheduler.scheduler import ScheduledRequest
+    reqs = [Request(f"profile-{i}", [1000 + i] * context, SamplingParams(temperature=0)) for i in range(batch_size)]
+    for r in reqs:
+        r.num_computed_tokens = context - 1
+        if not engine.kv.allocate_slots(r, context):
+            raise RuntimeError("KV cache too small for the profile batch")
+    try:
+        batch = engine.runner.prepare([ScheduledRequest(r, 1, engine.kv.block_table(r.request_id)) for r in reqs])
+        with torch.inference_mode():
+            profile_ops(engine.runner.ops, batch)
+            runs = [profile_ops(engine.runner.ops, batch) for _ in range(5)]
+    finally:
+        for r in reqs:
+            engine.kv.free(r)
+    return {k: 1e3 * sorted(run[k] for run in runs)[2] for k in runs[0]}
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = ["opdisagg_rt"] + list(result["peers"])
+    values = [result["engine"]["throughput_tok_s"]] + [p["throughput_tok_s"] for p in result["peers"].values()]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.bar(names, values, color=["tab:blue"] + ["tab:gray"] * (len(names) - 1))
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.0f}", ha="center", va="bottom")
+    w = result["workload"]
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(f"{w['num_requests']} req x {w['input_len']} in / {w['output_len']} out, {w['dtype']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m opdisagg_rt.bench", description=__doc__)
+    ap.add_argument("--model", default=None, help="GGUF file or HF directory (default: embedded SmolLM2)")
+    ap.add_argument("--num-requests", type=int, default=32)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--compare", action="append", default=[], choices=["hf"], help="peer to run in the same process")
+    ap.add_argument("--profile", action="store_true", help="also time each operation of one decode step")
+    ap.add_argument("--json", dest="json_path", help="write results as JSON here")
+    ap.add_argument("--plot", help="write a PNG chart here")
+    args = ap.parse_args(argv)
+
+    from opdisagg_rt.engine import Engine
+    from opdisagg_rt.models.loader import load_model
+    loaded = load_model(args.model)
+    prompts = random_prompts(args.num_requests, args.input_len, loaded.config.vocab_size)
+    engine = Engine(loaded, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                    max_num_batched_tokens=args.max_num_batched_tokens)
+    result = {"workload": {"num_requests": args.num_requests, "input_len": args.input_len,
+                           "output_len": args.output_len, "dtype": args.dtype, "model": loaded.source,
+                           "threads": torch.get_num_threads()},
+              "engine": run_engine(engine, prompts, args.output_len), "peers": {}}
+    if args.profile:
+        result["decode_step_profile_ms"] = profile_decode_step(
+            engine, args.num_requests, args.input_len + args.output_len // 2)
+    del engine
+    if "hf" in args.compare:
+        result["peers"]["hf"] = run_hf(loaded, prompts, args.output_len, getattr(torch, args.dtype))
+        result["ratio_vs_hf"] = result["engine"]["throughput_tok_s"] / result["peers"]["hf"]["throughput_tok_s"]
+    print_table(result)
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.plot:
+        plot(result, args.plot)
+    return result
+
+
+def print_table(result: dict) -> None:
+    e = result["engine"]
+    rows = [("opdisagg_rt", e["throughput_tok_s"], e["ttft_ms_p50"], e["ttft_ms_p99"], e["tpot_ms_p50"], e["tpot_ms_p99"])]
+    rows += [(name, p["throughput_tok_s"], *[p.get(k, float("nan")) for k in
+             ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99")]) for name, p in result["peers"].items()]
+    print(f"{'system':<14}{'out tok/s':>11}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}{'TPOT p99':>10}  (ms)")
+    for name, *vals in rows:
+        print(f"{name:<14}" + "".join(f"{v:>10.1f}" if i else f"{v:>11.1f}" for i, v in enumerate(vals)))
+    if "ratio_vs_hf" in result:
+        print(f"engine / HF throughput: {result['ratio_vs_hf']:.2f}x")
+    if "decode_step_profile_ms" in result:
+        prof = result["decode_step_profile_ms"]
+        total = sum(prof.values())
+        print(f"one decode step: {total:.1f} ms")
+        for k, v in sorted(prof.items(), key=lambda kv: -kv[1]):
+            print(f"  {k:<20}{v:8.2f} ms  {100 * v / total:5.1f}%")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,75 @@
+"""`layers.{i}.qkv_proj`, `layers.{i}.attn` and `layers.{i}.o_proj`.
+
+The projections are compute-bound GEMMs; the attention core (RoPE, cache write, attention over
+the paged cache) is memory-bound and owns the layer's KV cache, so the two can live on
+different stages.
+"""
+from __future__ import annotations
+
+import torch
+
+from opdisagg_rt import ops
+from opdisagg_rt.layers.base import Op, Tensors
+from opdisagg_rt.layers.linear import Linear
+from opdisagg_rt.layers.paged_attention import paged_attention
+from opdisagg_rt.layers.rope import RotaryEmbedding
+from opdisagg_rt.step_batch import StepBatch
+
+
+class QKVProjOp(Op):
+    def __init__(self, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+        self.name = name
+        self.sizes = (q.shape[0], k.shape[0], v.shape[0])
+        bias = torch.cat(biases) if biases is not None else None
+        self.proj = Linear(torch.cat([q, k, v], 0), bias)  # one GEMM instead of three
+        self.reads, self.writes = ("hidden",), ("q", "k", "v")
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        return {"qkv": self.proj.weight} | ({"bias": self.proj.bias} if self.proj.bias is not None else {})
+
+    def forward(self, t: Tensors, batch: StepBatch) -> None:
+        t["q"], t["k"], t["v"] = self.proj(t["hidden"]).split(self.sizes, dim=-1)
+
+
+class AttentionOp(Op):
+    """Full causal or sliding-window attention with its paged KV cache (bound by the runner)."""
+
+    def __init__(self, name: str, num_heads: int, num_kv_heads: int, head_dim: int,
+                 rope: RotaryEmbedding, window: int | None = None, scale: float | None = None):
+        self.name = name
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.rope, self.window = rope, window
+        self.scale = scale if scale is not None else head_dim ** -0.5
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+        self.reads, self.writes = ("q", "k", "v"), ("attn_out",)
+
+    def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        self.k_cache, self.v_cache = k_cache, v_cache
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def forward(self, t: Tensors, batch: StepBatch) -> None:
+        n = batch.num_tokens
+        cos, sin = batch.cached(f"rope_{id(self.rope)}", lambda: self.rope.cos_sin(batch.positions))
+        q = self.rope.apply(t["q"].view(n, self.num_heads, self.head_dim), cos, sin)
+        k = self.rope.apply(t["k"].view(n, self.num_kv_heads, self.head_dim), cos, sin)
+        v = t["v"].reshape(n, self.num_kv_heads, self.head_dim)
+        ops.reshape_and_cache(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
+        out = paged_attention(q, k, v, self.k_cache, self.v_cache, batch, self.scale, self.window)
+        t["attn_out"] = out.view(n, self.num_heads * self.head_dim)
+
+
+class OProjOp(Op):
+    def __init__(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.name = name
+        self.proj = Linear(weight, bias)
+        self.reads, self.writes = ("attn_out", "residual"), ("residual",)
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        return {"o": self.proj.weight}
+
+    def forward(self, t: Tensors, batch: StepBatch) -> None:
+        t["residual"] = t["residual"] + self.proj(t["attn_out"])

@@ -1,0 +1,67 @@
+"""Attention over the paged KV cache with torch ops: the CPU path of `layers.{i}.attn`.
+
+Decode rows (one query each) run as one batched SDPA over their gathered blocks with a length
+mask; each prefill runs its own SDPA, straight on the new K/V when nothing is cached before it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from opdisagg_rt.step_batch import StepBatch
+
+
+def _decode_key_mask(batch: StepBatch, num_blocks: int, window: int | None) -> torch.Tensor:
+    """[D, 1, 1, L] True where key position j is visible to the decode query (at seq_len-1)."""
+    d = batch.num_decodes
+    key_pos = torch.arange(num_blocks * batch.block_size)
+    seq_lens = batch.seq_lens[:d, None]
+    mask = key_pos[None, :] < seq_lens
+    if window is not None:
+        mask &= key_pos[None, :] >= seq_lens - window
+    return mask[:, None, None, :]
+
+
+def _prefill_mask(q_pos: torch.Tensor, ctx: int, window: int | None) -> torch.Tensor:
+    key_pos = torch.arange(ctx)
+    mask = key_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= key_pos[None, :] > q_pos[:, None] - window
+    return mask
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, batch: StepBatch,
+                    scale: float, window: int | None = None) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, KVH, D] (this step's rows, already written to the cache);
+    caches: [num_blocks, block_size, KVH, D]. Returns [T, H, D]."""
+    num_tokens, num_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    out = torch.empty_like(q)
+    bs = batch.block_size
+    nd = batch.num_decodes
+    if nd:
+        nblk = batch.cached("decode_nblk", lambda: -(-max(batch.seq_lens_list[:nd]) // bs))
+        ids = batch.cached("decode_block_ids", lambda: batch.block_tables[:nd, :nblk].reshape(-1))
+        mask = batch.cached(f"decode_mask_{window}", lambda: _decode_key_mask(batch, nblk, window))
+        kd = k_cache.index_select(0, ids).view(nd, nblk * bs, kv_heads, head_dim).transpose(1, 2)
+        vd = v_cache.index_select(0, ids).view(nd, nblk * bs, kv_heads, head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q[:nd].view(nd, num_heads, 1, head_dim), kd, vd,
+                                           attn_mask=mask, scale=scale, enable_gqa=True)
+        out[:nd] = o.view(nd, num_heads, head_dim)
+    starts = batch.query_start_loc.tolist() if batch.num_reqs > nd else ()
+    for r in range(nd, batch.num_reqs):
+        s, e, ctx = starts[r], starts[r + 1], batch.seq_lens_list[r]
+        n = e - s
+        qr = q[s:e].transpose(0, 1).unsqueeze(0)
+        if ctx == n and (window is None or window >= n):
+            kr, vr, mask, causal = k[s:e], v[s:e], None, True
+        else:
+            ids = batch.block_tables[r, : -(-ctx // bs)]
+            kr = k_cache.index_select(0, ids).view(-1, kv_heads, head_dim)[:ctx]
+            vr = v_cache.index_select(0, ids).view(-1, kv_heads, head_dim)[:ctx]
+            mask, causal = _prefill_mask(batch.positions[s:e], ctx, window), False
+        o = F.scaled_dot_product_attention(qr, kr.transpose(0, 1).unsqueeze(0), vr.transpose(0, 1).unsqueeze(0),
+                                           attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+        out[s:e] = o[0].transpose(0, 1)
+    return out

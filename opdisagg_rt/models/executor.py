@@ -1,0 +1,32 @@
+"""Runs a list of operations over one step's batch: the one-stage case of disaggregation."""
+from __future__ import annotations
+
+import re
+import time
+from collections import defaultdict
+
+from opdisagg_rt.layers.base import Op, Tensors
+from opdisagg_rt.step_batch import StepBatch
+
+
+def run_ops(ops: list[Op], batch: StepBatch, tensors: Tensors | None = None) -> Tensors:
+    t: Tensors = {} if tensors is None else tensors
+    for op in ops:
+        op.forward(t, batch)
+    return t
+
+
+def op_kind(name: str) -> str:
+    """`layers.7.mlp` -> `layers.*.mlp`: the per-layer operations grouped across layers."""
+    return re.sub(r"^layers\.\d+\.", "layers.*.", name)
+
+
+def profile_ops(ops: list[Op], batch: StepBatch) -> dict[str, float]:
+    """Run the ops once, returning seconds spent per operation kind (summed over layers)."""
+    t: Tensors = {}
+    spent: dict[str, float] = defaultdict(float)
+    for op in ops:
+        start = time.perf_counter()
+        op.forward(t, batch)
+        spent[op_kind(op.name)] += time.perf_counter() - start
+    return dict(spent)

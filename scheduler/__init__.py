@@ -1,0 +1,1 @@
+"""The scheduler: requests, continuous batching under a token budget, the engine loop."""

@@ -1,0 +1,149 @@
+"""Continuous batching under one token budget per step (vLLM v1 semantics).
+
+There are no prefill/decode phases: every step each running request asks for the tokens it has
+not computed yet (one for a decode, a chunk of prompt for a prefill), running requests first,
+then waiting ones, until the budget is spent. When KV blocks run out, the most recently admitted
+running request is preempted and later recomputed.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from opdisagg_rt.cache.kv_cache_manager import KVCacheManager
+from opdisagg_rt.scheduler.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+    block_table: list[int]
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step brings the request up to date, so its next token is sampled."""
+        r = self.request
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]  # decodes (one new token) first, then prefills
+    preempted: list[Request] = field(default_factory=list)
+    num_batched_tokens: int = 0
+
+    @property
+    def num_decodes(self) -> int:
+        return sum(1 for s in self.scheduled if s.num_new_tokens == 1)
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int):
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(req, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                scheduled.append(ScheduledRequest(req, num_new, self.kv.block_table(req.request_id)))
+                budget -= num_new
+                i += 1
+                continue
+            break  # the request itself was preempted: no room for anything else
+        if not preempted:
+            self._admit_waiting(scheduled, budget)
+        # Rows of single-token queries first: the layout split decode/prefill kernels expect.
+        scheduled.sort(key=lambda s: s.num_new_tokens != 1)
+        now = time.perf_counter()
+        for s in scheduled:
+            if s.request.first_scheduled_time is None:
+                s.request.first_scheduled_time = now
+        return SchedulerOutput(scheduled, preempted, sum(s.num_new_tokens for s in scheduled))
+
+    def _admit_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            hits, num_hit = self.kv.get_computed_blocks(req)
+            num_new = min(req.num_tokens - num_hit, budget)
+            if not self.kv.allocate_slots(req, num_new, hits):
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = num_hit
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled.append(ScheduledRequest(req, num_new, self.kv.block_table(req.request_id)))
+            budget -= num_new
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed tokens, append sampled tokens; returns requests that got a token.
+        The caller decides which of them finished and calls finish()."""
+        got_token = []
+        for s in out.scheduled:
+            req = s.request
+            if req.is_finished:  # aborted while the step ran
+                continue
+            req.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_full_blocks(req, req.num_computed_tokens)
+            token = sampled.get(req.request_id)
+            if token is not None:
+                req.output_token_ids.append(token)
+                got_token.append(req)
+        return got_token
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """Remove a request wherever it is and free its blocks (finish, abort or error)."""
+        if req.is_finished:
+            return
+        req.status = status
+        req.finished_time = time.perf_counter()
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req)
+        self.requests.pop(req.request_id, None)
+
+    def abort(self, request_id: str) -> bool:
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        self.finish(req, RequestStatus.FINISHED_ABORTED)
+        return True
