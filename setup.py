@@ -9,9 +9,17 @@ kernels are always built.
 import glob
 import os
 
-import torch
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as e:
+    raise SystemExit("opdisagg_rt builds against an installed torch: `pip install torch==2.13.0`, "
+                     "then `pip install --no-build-isolation -e .`") from e
+
+# Sources and package dirs must be relative to this file, wherever pip runs it from.
+os.chdir(os.path.dirname(os.path.abspath(__file__)))
 
 # Repo-root folders installed as subpackages of opdisagg_rt (see DESIGN.md, Layout).
 EXTRA_ROOTS = ("kernels", "scheduler")

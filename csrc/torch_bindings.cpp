@@ -61,7 +61,8 @@ TORCH_LIBRARY_IMPL(opdisagg, Meta, m) {
 // A bare module: importing opdisagg_rt._C runs the static registrations above; Python reaches
 // the ops through torch.ops.opdisagg, so the module itself exports nothing.
 extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "opdisagg_rt C++ ops", -1,
-                                   nullptr};
+  static PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "opdisagg_rt C++ ops", -1, nullptr, nullptr, nullptr, nullptr,
+      nullptr};
   return PyModule_Create(&module_def);
 }

@@ -137,7 +137,9 @@ class RequestStream:
         self.eos_token_ids = tuple(eos_token_ids)
         self.num_prompt_tokens = len(prompt_ids)
         self.max_model_len = max_model_len
-        self.detok = None if tokenizer is None else IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
+        self.detok = (
+            None if tokenizer is None else IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
+        )
         self.token_ids: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None

@@ -39,7 +39,8 @@ def _tiny_tokenizer(out_dir: str) -> int:
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     tok.save(f"{out_dir}/tokenizer.json")
     with open(f"{out_dir}/tokenizer_config.json", "w") as f:
-        json.dump({"bos_token": "<s>", "eos_token": {"content": "</s>", "special": True},
+        eos = {"__type": "AddedToken", "content": "</s>", "special": True}  # the dict spelling
+        json.dump({"bos_token": "<s>", "eos_token": eos,
                    "unk_token": "<unk>", "chat_template": TINY_CHAT_TEMPLATE,
                    "tokenizer_class": "PreTrainedTokenizerFast"}, f)
     return tok.get_vocab_size()

@@ -14,7 +14,7 @@
 namespace {
 
 constexpr int kThreads = 256;
-// Grid dims past 65535 are only legal on x; loop over blocks when a y-range would exceed it.
+// gridDim.y is limited to 65535, so copy_blocks launches its caches (grid y) in chunks.
 constexpr int64_t kMaxGridY = 65535;
 
 // Widest copy word dividing `bits`: addresses, sizes and strides OR-ed together.

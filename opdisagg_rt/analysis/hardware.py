@@ -66,7 +66,8 @@ class Device:
         # e(x) = x/(x+x_half) turns into a fixed ramp-up term: F/(P e(F)) = F/P + x_half/P
         tc = (op.flops / P + self.compute_half_us * 1e-6) if op.flops else 0.0
         tm = (op.bytes / W + self.memory_half_us * 1e-6) if op.bytes else 0.0
-        return self.overhead_us * 1e-6 + max(tc, tm), "compute" if tc > tm else "memory"
+        # the bound is the side whose streaming term is larger; ramp-up terms only add latency
+        return self.overhead_us * 1e-6 + max(tc, tm), "compute" if op.flops / P > op.bytes / W else "memory"
 
 
 def _load_yaml(path: Path) -> dict:
@@ -130,7 +131,7 @@ def _interp(xs: list[float], ys: list[float], x: float) -> float:
 
 @dataclass(slots=True)
 class CpuProfile:
-    """Fitted from calibrate.py. gemm[dtype]: achieved GFLOP/s on a grid of log2(M) x log2(K*N)
+    """Fitted from calibrate.py. gemm[dtype]: achieved GFLOP/s on a grid of log2 M x log2 K x log2 N
     with weights cold in DRAM; curves[kind]: fitted (overhead_us, gflops_max, half_mflop, gbps)
     for the non-GEMM kinds; hot_gbps: copy bandwidth vs working set (activations stay in cache)."""
     gemm: dict[str, dict[str, list]]
@@ -140,11 +141,13 @@ class CpuProfile:
     gemm_overhead_us: float
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def gemm_time(self, M: float, K: int, N: int, dtype: str) -> float:
+    def gemm_time(self, M: float, K: float, N: float, dtype: str) -> float:
+        """Trilinear interpolation of log2(GFLOP/s) over log2 M, log2 K, log2 N (clamped at the grid edges)."""
         g = self.gemm.get(dtype) or self.gemm["bf16"]
-        lm, lw = g["log2_m"], g["log2_w"]
-        rows = [_interp(lw, row, K * N) for row in g["log2_gflops"]]  # rate along W for each M grid point
-        rate = 2 ** _interp(lm, rows, max(M, 1.0))
+        cube = g["log2_gflops"]  # [M][K][N]
+        plane = [[_interp(g["log2_n"], row, N) for row in mk] for mk in cube]
+        line = [_interp(g["log2_k"], col, K) for col in plane]
+        rate = 2 ** _interp(g["log2_m"], line, max(M, 1.0))
         return self.gemm_overhead_us * 1e-6 + 2 * M * K * N / (rate * 1e9)
 
     def hot_bw(self, nbytes: float) -> float:
@@ -158,12 +161,13 @@ class CpuProfile:
                 t += c["overhead_us"] * 1e-6 + sum(cnt for M, K, N, cnt in op.gemms[1:2]) * c["per_expert_us"] * 1e-6
             mem = op.weight_bytes / (self.dram_gbps * 1e9)
             return t, "memory" if mem > 0.5 * t else "compute"
-        c = self.curves.get(op.kind) or self.curves["norm"]
+        c = (op.decode and self.curves.get(op.kind + "_decode")) or self.curves.get(op.kind) or self.curves["norm"]
         tc = 0.0
         if op.flops:
             F = op.flops / 1e6
             tc = op.flops / (c["gflops_max"] * 1e9 * F / (F + c["half_mflop"]))
-        tm = (op.weight_bytes + op.state_bytes) / (c.get("gbps", self.dram_gbps) * 1e9) + op.act_bytes / self.hot_bw(op.act_bytes)
+        tm = ((op.weight_bytes + op.state_bytes) / (c.get("gbps", self.dram_gbps) * 1e9)
+              + op.act_bytes / (c.get("act_eff", 1.0) * self.hot_bw(op.act_bytes)))
         return c["overhead_us"] * 1e-6 + max(tc, tm), "compute" if tc > tm else "memory"
 
     def to_json(self) -> dict:
@@ -174,7 +178,7 @@ class CpuProfile:
 def cpu_device(profile_path: str | Path, link: Link | None = None) -> Device:
     d = json.loads(Path(profile_path).read_text())
     prof = CpuProfile(d["gemm"], d["curves"], d["hot"], d["dram_gbps"], d["gemm_overhead_us"], d.get("meta", {}))
-    peak = max(2 ** max(r) for g in prof.gemm.values() for r in g["log2_gflops"]) / 1e3
+    peak = max(2 ** v for g in prof.gemm.values() for mk in g["log2_gflops"] for kn in mk for v in kn) / 1e3
     mem_gb = d.get("meta", {}).get("mem_gb", 16.0)
     return Device("cpu", {"bf16": peak, "fp32": peak}, mem_gb, prof.dram_gbps / 1e3, None,
                   {"scale_up": link or Link("shm", 5, 30)}, profile=prof)

@@ -29,6 +29,7 @@ class OpCost:
     gemms: list[tuple[float, int, int, float]] = field(default_factory=list)  # (M, K, N, count) decomposition
     state_resident: float = 0.0  # KV / state bytes kept between steps (memory capacity)
     attn_kind: str | None = None
+    decode: bool = False  # attention cores: every sequence adds one token (a different kernel on CPU)
 
     @property
     def bytes(self) -> float:
@@ -95,7 +96,7 @@ def _mla_qkv(m: ModelSpec, name: str, T: float, b: int) -> OpCost:
 
 
 def _attn(m: ModelSpec, l: LayerSpec, name: str, w: Workload, b: int, state_b: int) -> OpCost:
-    c = OpCost(name, "attn", attn_kind=l.attn)
+    c = OpCost(name, "attn", attn_kind=l.attn, decode=all(g.new == 1 for g in w.groups()))
     if l.attn in ("full", "sliding"):
         H, Hkv, d = m.num_heads, m.num_kv_heads, m.head_dim
         c.params = c.active_params = H * m.sinks

@@ -33,6 +33,10 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, rope_scaling) from either transformers 5's `rope_parameters` or the older
     `rope_theta` + `rope_scaling` pair. Default RoPE maps to rope_scaling=None."""
     params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    if params and all(isinstance(v, dict) for v in params.values()):
+        # hybrid models keep one set per layer type ({"full_attention": {...}, ...}); the
+        # full-attention one is the model-wide default, the raw dict stays in hf_config
+        params = dict(params.get("full_attention") or next(iter(params.values())))
     theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
     if "type" in params and "rope_type" not in params:  # pre-4.45 spelling
         params["rope_type"] = params.pop("type")

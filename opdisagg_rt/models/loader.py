@@ -34,7 +34,7 @@ def load_model(path: str | None = None) -> LoadedModel:
     """Load a `.gguf` file or an HF directory (config.json + safetensors); None = default model."""
     path = default_model_path() if path is None else os.fspath(path)
     if os.path.isfile(path) and path.endswith(".gguf"):
-        config, weights, tokenizer, g = gguf_loader.load_gguf(path)
+        config, weights, tokenizer = gguf_loader.load_gguf(path)
         describe = lambda n: f"{n} ({gguf_loader.gguf_name(n)} in the GGUF)"  # noqa: E731
         files = [path]
     elif os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):

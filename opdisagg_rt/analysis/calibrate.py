@@ -1,0 +1,234 @@
+"""Measure this CPU and fit the efficiency profile the cost model uses for device "cpu".
+
+1. copy bandwidth vs working set (hot: activations) and from DRAM (cold: weights, KV, state);
+2. GEMM rate on a grid of M (tokens) x weight size, weights cold (cycled through a pool larger
+   than the last-level cache), per dtype;
+3. whole forward passes of calibration models (shapes unlike the validation models) with the
+   reference ops; per kind (norm, embed, attention, linear attention, MoE) a curve
+   t = overhead + max(F / (R * F / (F + F_half)), cold_bytes / bw_cold + act_bytes / (a * hot_bw))
+   is fitted by grid search on the absolute log error, plus a per-call GEMM overhead.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from opdisagg_rt.analysis import reference as Rf
+from opdisagg_rt.analysis.hardware import CPU_PROFILE, CpuProfile
+from opdisagg_rt.analysis.models import ModelSpec, parse_hf_config
+from opdisagg_rt.analysis.ops import model_ops
+from opdisagg_rt.analysis.runner import DTYPES, RefModel, measure
+from opdisagg_rt.analysis.workload import Workload
+
+POOL_BYTES = 192 << 20  # > the 105 MiB L3 here, so cycling through the pool keeps weights cold
+KINDS = ("norm", "embed", "attn", "linear_attn")
+
+# calibration models: shapes deliberately unlike validate.py's (SmolLM2, tiny-hybrid)
+CAL_MODELS = {
+    "cal-dense": dict(model_type="cal", vocab_size=16000, hidden_size=1024, intermediate_size=2816,
+                      num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+                      layer_types=["full_attention", "sliding_attention"] * 4, sliding_window=512),
+    "cal-gdn-moe": dict(model_type="cal", vocab_size=16000, hidden_size=1024, num_hidden_layers=6,
+                        num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+                        layer_types=["linear_attention", "linear_attention", "full_attention"] * 2,
+                        linear_num_key_heads=8, linear_num_value_heads=8, linear_key_head_dim=96,
+                        linear_value_head_dim=96, linear_conv_kernel_dim=4, num_experts=32,
+                        num_experts_per_tok=4, moe_intermediate_size=512),
+    "cal-lightning": dict(model_type="minimax_text_01", vocab_size=16000, hidden_size=1024,
+                          intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8,
+                          num_key_value_heads=2, head_dim=128, attn_type_list=[0, 0, 1] * 2),
+}
+
+
+def _time(fn, reps: int) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        with Rf.Timer() as t:
+            fn()
+        ts.append(t.total)
+    return Rf.median(ts)
+
+
+def measure_bandwidth(quick: bool) -> tuple[dict, float]:
+    sizes = [12, 14, 16, 18, 20, 22, 24] if not quick else [12, 16, 20, 24]
+    gbps = []
+    for lg in sizes:
+        n = (1 << lg) // 4
+        a, b = torch.ones(n), torch.empty(n)
+        t = _time(lambda: b.copy_(a), 30 if lg < 22 else 8)
+        gbps.append(2 * n * 4 / t / 1e9)  # read + write
+    n = (256 << 20) // 4  # DRAM: 256 MiB each way, far beyond the L3
+    a, b = torch.ones(n), torch.empty(n)
+    dram = 2 * n * 4 / _time(lambda: b.copy_(a), 3 if quick else 5) / 1e9
+    return {"log2_bytes": [float(s) for s in sizes], "gbps": gbps}, dram
+
+
+def measure_gemm(dtype: str, quick: bool, verbose: bool) -> dict:
+    dt = DTYPES[dtype]
+    ms = [1, 4, 16, 64, 256, 1024] if quick else [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
+    ks = [512, 2048, 8192]
+    ns = [256, 1024, 4096, 16384, 65536]
+    pool = torch.empty(POOL_BYTES * 8 // torch.finfo(dt).bits, dtype=dt).normal_(0, 0.02)
+    cube = np.full((len(ms), len(ks), len(ns)), np.nan)
+    cap = 3e9 if quick else 2e10
+    for a, K in enumerate(ks):
+        for b, N in enumerate(ns):
+            if K * N > 1 << 26:
+                continue  # > 128 MiB of bf16 weights: filled from the nearest measured N below
+            copies = max(1, pool.numel() // (K * N))
+            ws = [pool[c * K * N:(c + 1) * K * N].view(N, K) for c in range(copies)]
+            for i, M in enumerate(ms):
+                if 2.0 * M * K * N > cap or (quick and M > 1 and K * N > 1 << 24 and M not in (16, 256)):
+                    continue
+                x = torch.randn(M, K, dtype=dt)
+                reps = int(min(9, max(3, 0.03 / max(2 * M * K * N / 2e11, 1e-5))))
+                it = iter(range(10 ** 9))
+                t = _time(lambda: F.linear(x, ws[next(it) % copies]), reps)
+                cube[i, a, b] = math.log2(2 * M * K * N / t / 1e9)
+            if verbose:
+                print(f"  gemm {dtype} K={K:5d} N={N:5d}: " + " ".join(
+                    f"{2 ** r:.0f}" for r in cube[:, a, b] if not np.isnan(r)) + " GFLOP/s over M=" + ",".join(map(str, ms)))
+    # fill the holes: along M from measured neighbours (log-linear), then along N from below
+    lm = np.log2(ms)
+    for a in range(len(ks)):
+        for b in range(len(ns)):
+            col = cube[:, a, b]
+            ok = ~np.isnan(col)
+            if ok.any():
+                cube[:, a, b] = np.interp(lm, lm[ok], col[ok])
+        for b in range(1, len(ns)):
+            if np.isnan(cube[0, a, b]):
+                cube[:, a, b] = cube[:, a, b - 1]
+    del pool
+    return {"log2_m": lm.tolist(), "log2_k": np.log2(ks).tolist(), "log2_n": np.log2(ns).tolist(),
+            "log2_gflops": cube.tolist()}
+
+
+def _workloads(quick: bool) -> list[Workload]:
+    if quick:
+        return [Workload("decode", 2, [(512, 1)]), Workload("decode", 16, [(512, 1)]), Workload("prefill", 1, [(256, 1)])]
+    return ([Workload("decode", b, [(c, 1)]) for b in (1, 8, 32) for c in (256, 2048)] +
+            [Workload("prefill", 1, [(n, 1)]) for n in (128, 512)] + [Workload("prefill", 4, [(192, 1)])])
+
+
+def collect_samples(models: dict[str, ModelSpec], dtype: str, quick: bool, verbose: bool) -> list[dict]:
+    """(op, kind, features, measured) for every op of every calibration forward."""
+    out = []
+    for name, spec in models.items():
+        for w in _workloads(quick):
+            g = w.groups()[0]
+            ref = RefModel(spec, dtype, int(g.count), g.past + g.new)
+            t0 = time.time()
+            meas = measure(spec, w, dtype, reps=3 if quick else 5, model=ref)
+            for o in model_ops(spec, w, 2 if dtype == "bf16" else 4):
+                out.append({"op": o.op, "kind": o.kind, "cost": o, "t": meas[o.op]})
+            if verbose:
+                print(f"  {name} {w.phase} b={w.batch} ctx={w.context[0][0]}: {time.time() - t0:.1f}s")
+            del ref
+    return out
+
+
+def _fit_kind(samples: list[dict], prof: CpuProfile) -> dict[str, float]:
+    """Grid search of (overhead, R, F_half, bw_cold, a) minimising mean |log(pred / measured)|."""
+    t = np.array([s["t"] for s in samples])
+    Fl = np.array([s["cost"].flops for s in samples])
+    Bc = np.array([s["cost"].weight_bytes + s["cost"].state_bytes for s in samples])
+    Ba = np.array([s["cost"].act_bytes for s in samples])
+    hot = np.array([prof.hot_bw(b) for b in Ba])
+    Rm = np.geomspace(0.3e9, 3e12, 18)[:, None, None, None, None]
+    Fh = np.geomspace(1e3, 1e9, 10)[None, :, None, None, None]
+    bw = (prof.dram_gbps * 1e9 * np.geomspace(0.1, 3, 10))[None, None, :, None, None]
+    a = np.geomspace(0.03, 1.5, 10)[None, None, None, :, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tc = np.where(Fl > 0, Fl / (Rm * Fl / (Fl + Fh)), 0.0)
+        tm = Bc / bw + Ba / (a * hot)
+        body = np.maximum(tc, tm)
+        best = (np.inf, None, 0.0)
+        for o in np.geomspace(max(t.min() * 0.02, 1e-7), t.min() * 1.2, 16):
+            err = np.abs(np.log((o + body) / t)).mean(-1)
+            i = np.unravel_index(np.nanargmin(err), err.shape)
+            if err[i] < best[0]:
+                best = (float(err[i]), i, float(o))
+    e, i, o = best
+    return {"overhead_us": o * 1e6, "gflops_max": float(Rm.flat[i[0]] / 1e9), "half_mflop": float(Fh.flat[i[1]] / 1e6),
+            "gbps": float(bw.flat[i[2]] / 1e9), "act_eff": float(a.flat[i[3]]), "fit_mean_abs_log_err": e}
+
+
+def fit_profile(samples: list[dict], prof: CpuProfile) -> CpuProfile:
+    # GEMM: a per-call overhead on top of the isolated-sweep tables (dispatch inside a forward)
+    gem = [s for s in samples if s["kind"] == "gemm"]
+    prof.gemm_overhead_us = 0.0
+    if gem:
+        res = [s["t"] - prof.op_time(s["cost"], "bf16")[0] for s in gem]
+        prof.gemm_overhead_us = max(0.0, float(np.median(res)) * 1e6)
+    for kind in KINDS:
+        for dec in (False, True):
+            ks = [s for s in samples if s["kind"] == kind and s["cost"].decode == dec]
+            if ks:
+                prof.curves[kind + ("_decode" if dec else "")] = _fit_kind(ks, prof)
+    moe = [s for s in samples if s["kind"] == "moe"]
+    prof.curves["moe"] = {"overhead_us": 0.0, "per_expert_us": 0.0}
+    if moe:  # routing + gather/scatter: least squares of the residual on (1, touched experts)
+        res = np.array([s["t"] - prof.op_time(s["cost"], "bf16")[0] for s in moe])
+        touched = np.array([s["cost"].gemms[1][3] for s in moe])
+        A = np.stack([np.ones_like(touched), touched], 1)
+        c, *_ = np.linalg.lstsq(A, res, rcond=None)
+        prof.curves["moe"] = {"overhead_us": max(0.0, float(c[0]) * 1e6), "per_expert_us": max(0.0, float(c[1]) * 1e6)}
+    return prof
+
+
+def calibrate(out: str | Path | None = None, quick: bool = False, verbose: bool = True, threads: int = 1,
+              dtype: str = "bf16") -> dict:
+    """Measure, fit, write the profile (default: the package's data/cpu_profile.json); return it."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)  # one intra-op thread: stable on a shared box, and per-stage threads are explicit
+    t0 = time.time()
+    try:
+        with torch.inference_mode():
+            hot, dram = measure_bandwidth(quick)
+            if verbose:
+                print(f"  DRAM copy {dram:.1f} GB/s; hot copy " + " ".join(f"{g:.0f}" for g in hot["gbps"]) + " GB/s")
+            gemm = {d: measure_gemm(d, quick, verbose) for d in ((dtype,) if quick else ("bf16", "fp32"))}
+        prof = CpuProfile(gemm, {k: {"overhead_us": 5.0, "gflops_max": 10.0, "half_mflop": 1.0} for k in KINDS},
+                          hot, dram, 0.0)
+        models = {k: parse_hf_config(v, k) for k, v in CAL_MODELS.items()}
+        if quick:
+            models.pop("cal-lightning")
+        samples = collect_samples(models, dtype, quick, verbose)
+        prof = fit_profile(samples, prof)
+    finally:
+        torch.set_num_threads(prev)
+    prof.meta = {"threads": threads, "dtype": dtype, "quick": quick, "seconds": round(time.time() - t0, 1),
+                 "cpu": _cpu_name(), "mem_gb": _mem_gb(), "torch": torch.__version__}
+    d = prof.to_json()
+    path = Path(out) if out else CPU_PROFILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(d, indent=1))
+    return d
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _mem_gb() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                return round(int(line.split()[1]) / 1e6, 1)
+    except OSError:
+        pass
+    return 16.0

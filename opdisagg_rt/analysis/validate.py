@@ -1,0 +1,87 @@
+"""Measured vs predicted time of every operation of SmolLM2-135M and a tiny hybrid on this CPU.
+
+Each grid point runs whole forward passes with the reference torch ops (runner.py); an entry is
+one operation role of one layer kind (e.g. `layers.*.attn [gdn]`) summed over its layers, or a
+model-level op (embed, final_norm, lm_head). Error = (predicted - measured) / measured.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from opdisagg_rt.analysis.hardware import CPU_PROFILE, cpu_device
+from opdisagg_rt.analysis.models import load_model, parse_hf_config
+from opdisagg_rt.analysis.ops import model_ops
+from opdisagg_rt.analysis.runner import RefModel, measure
+from opdisagg_rt.analysis.workload import Workload
+
+# sliding window + Gated DeltaNet + full attention, MoE with a shared expert; weights (~0.5 GB)
+# exceed the L3 like any real model, so they stream from DRAM as they would in serving
+TINY_HYBRID = dict(model_type="tiny_hybrid", vocab_size=32000, hidden_size=768, num_hidden_layers=8,
+                   num_attention_heads=12, num_key_value_heads=4, head_dim=64, sliding_window=256,
+                   layer_types=["sliding_attention", "linear_attention", "linear_attention", "full_attention"] * 2,
+                   linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64,
+                   linear_value_head_dim=64, linear_conv_kernel_dim=4, num_experts=16, num_experts_per_tok=2,
+                   moe_intermediate_size=768, shared_expert_intermediate_size=768)
+
+
+def grid(quick: bool) -> list[Workload]:
+    if quick:
+        return [Workload("decode", 2, [(256, 1)]), Workload("prefill", 1, [(64, 1)])]
+    return ([Workload("decode", b, [(c, 1)]) for b in (1, 4, 16) for c in (128, 1024)] +
+            [Workload("prefill", 1, [(n, 1)]) for n in (64, 256)] + [Workload("prefill", 4, [(128, 1)])])
+
+
+def _key(op: str, spec) -> str:
+    if not op.startswith("layers."):
+        return op
+    i, role = op.split(".", 2)[1:]
+    return f"layers.*.{role} [{spec.layers[int(i)].attn}]"
+
+
+def validate(profile: str | Path | None = None, quick: bool = False, dtype: str = "bf16", verbose: bool = True,
+             threads: int = 1) -> dict:
+    path = Path(profile) if profile else CPU_PROFILE
+    if not path.exists():
+        raise FileNotFoundError(f"no CPU profile at {path}: run `python -m opdisagg_rt.analyze calibrate` first")
+    dev = cpu_device(path)
+    models = {"smollm2-135m": load_model("smollm2-135m"), "tiny-hybrid": parse_hf_config(TINY_HYBRID, "tiny-hybrid")}
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the profile's thread count
+    rows = []
+    try:
+        for mname, spec in models.items():
+            for w in grid(quick):
+                g = w.groups()[0]
+                ref = RefModel(spec, dtype, int(g.count), g.past + g.new)
+                meas = measure(spec, w, dtype, reps=2 if quick else 5, model=ref)
+                del ref
+                agg: dict[str, list[float]] = {}
+                for o in model_ops(spec, w, 2 if dtype == "bf16" else 4):
+                    a = agg.setdefault(_key(o.op, spec), [0.0, 0.0, o.kind])
+                    a[0] += meas[o.op]
+                    a[1] += dev.op_time(o, dtype)[0]
+                for op, (m, p, kind) in agg.items():
+                    rows.append({"model": mname, "phase": w.phase, "batch": w.batch, "context": w.context[0][0],
+                                 "op": op, "kind": kind, "measured_us": m * 1e6, "predicted_us": p * 1e6,
+                                 "err_pct": 100 * (p - m) / m})
+                if verbose:
+                    e = np.abs([r["err_pct"] for r in rows[-len(agg):]])
+                    print(f"  {mname} {w.phase} b={w.batch} ctx={w.context[0][0]}: median |err| {np.median(e):.1f}%")
+    finally:
+        torch.set_num_threads(prev)
+    errs = np.abs([r["err_pct"] for r in rows])
+    return {"median_abs_err_pct": float(np.median(errs)), "p90_abs_err_pct": float(np.percentile(errs, 90)),
+            "n": len(rows), "profile": str(path), "threads": threads, "dtype": dtype, "ops": rows}
+
+
+def format_report(rep: dict) -> str:
+    lines = [f"{'model':13s} {'phase':7s} {'b':>3s} {'ctx':>5s} {'op':32s} {'measured us':>12s} {'predicted us':>12s} {'err %':>7s}"]
+    for r in rep["ops"]:
+        lines.append(f"{r['model']:13s} {r['phase']:7s} {r['batch']:>3d} {r['context']:>5d} {r['op']:32s} "
+                     f"{r['measured_us']:12.1f} {r['predicted_us']:12.1f} {r['err_pct']:7.1f}")
+    lines.append(f"{rep['n']} entries: median |error| {rep['median_abs_err_pct']:.1f}% (bar 15%), "
+                 f"p90 {rep['p90_abs_err_pct']:.1f}% (bar 35%)")
+    return "\n".join(lines)
