@@ -109,6 +109,68 @@ void check_scatter_blocks(const at::Tensor& buffer, const at::Tensor& cache,
   check_same_device(block_ids, cache, op, "block_ids", "cache");
 }
 
+void check_paged_attention(const at::Tensor& out, const at::Tensor& query,
+                           const at::Tensor& key_cache, const at::Tensor& value_cache,
+                           const at::Tensor& block_tables, const at::Tensor& query_start_loc,
+                           const at::Tensor& seq_lens, const std::optional<at::Tensor>& sinks) {
+  constexpr const char* op = "paged_attention";
+  TORCH_CHECK(query.dim() == 3, op, ": query must be [num_tokens, heads, head_dim], got shape ",
+              query.sym_sizes());
+  TORCH_SYM_CHECK(c10::sym_equals(out.sym_sizes(), query.sym_sizes()), op,
+                  ": out must have the shape of query ", query.sym_sizes(), ", got ",
+                  out.sym_sizes());
+  const auto dtype = query.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": query must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(key_cache.dim() == 4, op,
+              ": key_cache must be [num_blocks, block_size, kv_heads, head_dim], got shape ",
+              key_cache.sym_sizes());
+  TORCH_SYM_CHECK(c10::sym_equals(key_cache.sym_sizes(), value_cache.sym_sizes()), op,
+                  ": value_cache must have the shape of key_cache ", key_cache.sym_sizes(),
+                  ", got ", value_cache.sym_sizes());
+  TORCH_CHECK(out.scalar_type() == dtype && key_cache.scalar_type() == dtype &&
+                  value_cache.scalar_type() == dtype,
+              op, ": out, query, key_cache and value_cache must share one dtype, got ",
+              out.scalar_type(), ", ", dtype, ", ", key_cache.scalar_type(), ", ",
+              value_cache.scalar_type());
+  TORCH_SYM_CHECK(key_cache.sym_size(3).sym_eq(query.sym_size(2)), op,
+                  ": key_cache head_dim ", key_cache.sym_size(3), " (shape ",
+                  key_cache.sym_sizes(), ") does not match query head_dim ", query.sym_size(2),
+                  " (shape ", query.sym_sizes(), ")");
+  TORCH_SYM_CHECK(key_cache.sym_size(1).sym_gt(0), op,
+                  ": key_cache block_size must be positive, got shape ", key_cache.sym_sizes());
+  TORCH_SYM_CHECK(key_cache.sym_size(2).sym_gt(0), op,
+                  ": key_cache kv_heads must be positive, got shape ", key_cache.sym_sizes());
+  TORCH_SYM_CHECK((query.sym_size(1) % key_cache.sym_size(2)).sym_eq(0), op,
+                  ": query heads (", query.sym_size(1), ") must be a multiple of key_cache kv_heads (",
+                  key_cache.sym_size(2), ")");
+  check_index_tensor(block_tables, op, "block_tables", 2, "[num_requests, max_blocks]");
+  check_index_tensor(query_start_loc, op, "query_start_loc", 1, "1-D [num_requests + 1]");
+  check_index_tensor(seq_lens, op, "seq_lens", 1, "1-D [num_requests]");
+  TORCH_SYM_CHECK(query_start_loc.sym_size(0).sym_eq(block_tables.sym_size(0) + 1), op,
+                  ": query_start_loc must have num_requests + 1 = ", block_tables.sym_size(0) + 1,
+                  " entries (block_tables has ", block_tables.sym_size(0), " rows), got ",
+                  query_start_loc.sym_size(0));
+  TORCH_SYM_CHECK(seq_lens.sym_size(0).sym_eq(block_tables.sym_size(0)), op,
+                  ": seq_lens must have num_requests = ", block_tables.sym_size(0),
+                  " entries (rows of block_tables), got ", seq_lens.sym_size(0));
+  if (sinks.has_value()) {
+    const auto& s = *sinks;
+    TORCH_CHECK(s.scalar_type() == at::kFloat, op, ": sinks must be float32, got ",
+                s.scalar_type());
+    TORCH_CHECK(s.dim() == 1, op, ": sinks must be 1-D [heads], got shape ", s.sym_sizes());
+    TORCH_SYM_CHECK(s.sym_size(0).sym_eq(query.sym_size(1)), op, ": sinks must have heads = ",
+                    query.sym_size(1), " entries, got ", s.sym_size(0));
+    check_same_device(s, query, op, "sinks", "query");
+  }
+  check_same_device(out, query, op, "out", "query");
+  check_same_device(key_cache, query, op, "key_cache", "query");
+  check_same_device(value_cache, query, op, "value_cache", "query");
+  check_same_device(block_tables, query, op, "block_tables", "query");
+  check_same_device(query_start_loc, query, op, "query_start_loc", "query");
+  check_same_device(seq_lens, query, op, "seq_lens", "query");
+}
+
 void check_contiguous(const at::Tensor& t, const char* op, const char* arg) {
   TORCH_CHECK(t.is_contiguous(), op, ": ", arg, " must be contiguous (got strides ",
               t.strides(), " for shape ", t.sizes(), ")");

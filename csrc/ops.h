@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace opdisagg {
 
@@ -18,6 +19,10 @@ void check_copy_blocks(at::TensorList key_caches, at::TensorList value_caches,
 void check_gather_blocks(const at::Tensor& cache, const at::Tensor& block_ids);
 void check_scatter_blocks(const at::Tensor& buffer, const at::Tensor& cache,
                           const at::Tensor& block_ids);
+void check_paged_attention(const at::Tensor& out, const at::Tensor& query,
+                           const at::Tensor& key_cache, const at::Tensor& value_cache,
+                           const at::Tensor& block_tables, const at::Tensor& query_start_loc,
+                           const at::Tensor& seq_lens, const std::optional<at::Tensor>& sinks);
 
 // Layout checks for the real kernels: caches are written by flat block/slot offsets, so they
 // must be contiguous; K/V rows may be strided (slices of a fused QKV output) but each head's

@@ -35,6 +35,15 @@ void scatter_blocks_meta(const at::Tensor& buffer, at::Tensor& cache, const at::
   check_scatter_blocks(buffer, cache, block_ids);
 }
 
+void paged_attention_meta(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                          const at::Tensor& value_cache, const at::Tensor& block_tables,
+                          const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
+                          double /*scale*/, int64_t /*window*/,
+                          const std::optional<at::Tensor>& sinks) {
+  check_paged_attention(out, query, key_cache, value_cache, block_tables, query_start_loc,
+                        seq_lens, sinks);
+}
+
 }  // namespace
 }  // namespace opdisagg
 
@@ -49,6 +58,15 @@ TORCH_LIBRARY(opdisagg, m) {
   // Paged blocks <-> one contiguous buffer, for offload to the KV store and for transfer.
   m.def("gather_blocks(Tensor cache, Tensor block_ids) -> Tensor");
   m.def("scatter_blocks(Tensor buffer, Tensor(a!) cache, Tensor block_ids) -> ()");
+  // Attention of query rows [T, H, D] over the paged caches, written into out [T, H, D].
+  // Request r owns query rows query_start_loc[r]:query_start_loc[r+1]; its j-th row sits at
+  // position seq_lens[r] - n_r + j and attends keys [0, p] (or the last `window` of them when
+  // window > 0), read through block_tables[r]. sinks: optional float32 [H] per-head logit that
+  // joins the softmax denominator only (gpt-oss). GQA: head h reads kv head h / (H / KVH).
+  m.def(
+      "paged_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache,"
+      " Tensor block_tables, Tensor query_start_loc, Tensor seq_lens, float scale, int window,"
+      " Tensor? sinks) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(opdisagg, Meta, m) {
@@ -56,6 +74,7 @@ TORCH_LIBRARY_IMPL(opdisagg, Meta, m) {
   m.impl("copy_blocks", &opdisagg::copy_blocks_meta);
   m.impl("gather_blocks", &opdisagg::gather_blocks_meta);
   m.impl("scatter_blocks", &opdisagg::scatter_blocks_meta);
+  m.impl("paged_attention", &opdisagg::paged_attention_meta);
 }
 
 // A bare module: importing opdisagg_rt._C runs the static registrations above; Python reaches

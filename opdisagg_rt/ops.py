@@ -26,10 +26,12 @@ _reshape_and_cache = _ops.reshape_and_cache.default
 _copy_blocks = _ops.copy_blocks.default
 _gather_blocks = _ops.gather_blocks.default
 _scatter_blocks = _ops.scatter_blocks.default
+_paged_attention = _ops.paged_attention.default
 
 __all__ = [
     "reshape_and_cache", "copy_blocks", "gather_blocks", "scatter_blocks",
     "reshape_and_cache_ref", "copy_blocks_ref", "gather_blocks_ref", "scatter_blocks_ref",
+    "paged_attention", "paged_attention_ref",
 ]
 
 
@@ -59,6 +61,27 @@ def scatter_blocks(buffer: torch.Tensor, cache: torch.Tensor, block_ids: torch.T
     _scatter_blocks(buffer, cache, block_ids)
 
 
+
+def paged_attention(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
+                    value_cache: torch.Tensor, block_tables: torch.Tensor,
+                    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                    window: int = 0, sinks: torch.Tensor | None = None) -> None:
+    """Attention of ``query`` ``[T, H, D]`` over the paged caches, written into ``out``
+    ``[T, H, D]`` (same dtype: float32, bfloat16 or float16; float32 accumulation).
+
+    Request ``r`` owns query rows ``query_start_loc[r]:query_start_loc[r+1]`` (``n_r`` of them,
+    0 allowed); ``seq_lens[r]`` is its context length including those new tokens, whose K/V
+    must already be in the caches. Its ``j``-th row sits at position ``p = seq_lens[r] - n_r + j``
+    and attends key positions ``[0, p]``, or ``[max(0, p - window + 1), p]`` when ``window > 0``;
+    key ``k`` is read at slot ``block_tables[r, k // block_size] * block_size + k % block_size``.
+    GQA: query head ``h`` uses kv head ``h // (H // kv_heads)``. ``sinks`` (float32 ``[H]``) adds
+    a per-head logit to the softmax denominator only. Rows of ``out`` outside
+    ``query_start_loc[0]:query_start_loc[-1]`` are left untouched. Index tensors are int64;
+    ``query``/``out`` rows may be strided but each head vector must be dense.
+    """
+    _paged_attention(out, query, key_cache, value_cache, block_tables, query_start_loc,
+                     seq_lens, scale, window, sinks)
+
 # ---- references: naive torch indexing ------------------------------------------------------
 
 def reshape_and_cache_ref(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
@@ -82,3 +105,37 @@ def gather_blocks_ref(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Ten
 
 def scatter_blocks_ref(buffer: torch.Tensor, cache: torch.Tensor, block_ids: torch.Tensor) -> None:
     cache[block_ids] = buffer
+
+
+def paged_attention_ref(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
+                        value_cache: torch.Tensor, block_tables: torch.Tensor,
+                        query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                        window: int = 0, sinks: torch.Tensor | None = None) -> None:
+    """Naive :func:`paged_attention`: per request, gather its keys, mask, softmax in float32."""
+    block_size, kv_heads, dim = key_cache.shape[1:]
+    group = query.shape[1] // kv_heads
+    k_flat = key_cache.reshape(-1, kv_heads, dim)
+    v_flat = value_cache.reshape(-1, kv_heads, dim)
+    for r in range(block_tables.shape[0]):
+        start, end = int(query_start_loc[r]), int(query_start_loc[r + 1])
+        n, ctx = end - start, int(seq_lens[r])
+        if n == 0:
+            continue
+        k_lo = max(0, ctx - n - window + 1) if window > 0 else 0  # blocks below may be unmapped
+        pos_k = torch.arange(k_lo, ctx)
+        slots = block_tables[r, pos_k // block_size] * block_size + pos_k % block_size
+        k = k_flat[slots].float().repeat_interleave(group, dim=1)  # [L, H, D]
+        v = v_flat[slots].float().repeat_interleave(group, dim=1)
+        q = query[start:end].float()  # [n, H, D]
+        scores = torch.einsum("nhd,lhd->hnl", q, k) * scale
+        pos_q = torch.arange(ctx - n, ctx)
+        visible = pos_k[None, :] <= pos_q[:, None]
+        if window > 0:
+            visible &= pos_k[None, :] > pos_q[:, None] - window
+        scores = scores.masked_fill(~visible, float("-inf"))
+        if sinks is not None:
+            sink = sinks.float()[:, None, None].expand(-1, n, 1)
+            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1)
+        out[start:end] = torch.einsum("hnl,lhd->nhd", probs, v).to(out.dtype)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -53,11 +54,11 @@ def _time(fn, reps: int) -> float:
         with Rf.Timer() as t:
             fn()
         ts.append(t.total)
-    return Rf.median(ts)
+    return Rf.low_median(ts)
 
 
 def measure_bandwidth(quick: bool) -> tuple[dict, float]:
-    sizes = [12, 14, 16, 18, 20, 22, 24] if not quick else [12, 16, 20, 24]
+    sizes = [12, 14, 16, 18, 20, 22, 24] if not quick else [12, 18, 24]
     gbps = []
     for lg in sizes:
         n = (1 << lg) // 4
@@ -72,9 +73,9 @@ def measure_bandwidth(quick: bool) -> tuple[dict, float]:
 
 def measure_gemm(dtype: str, quick: bool, verbose: bool) -> dict:
     dt = DTYPES[dtype]
-    ms = [1, 4, 16, 64, 256, 1024] if quick else [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
-    ks = [512, 2048, 8192]
-    ns = [256, 1024, 4096, 16384, 65536]
+    ms = [1, 16, 256] if quick else [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
+    ks = [512, 2048] if quick else [512, 2048, 8192]
+    ns = [256, 4096, 65536] if quick else [256, 1024, 4096, 16384, 65536]
     pool = torch.empty(POOL_BYTES * 8 // torch.finfo(dt).bits, dtype=dt).normal_(0, 0.02)
     cube = np.full((len(ms), len(ks), len(ns)), np.nan)
     cap = 3e9 if quick else 2e10
@@ -85,24 +86,26 @@ def measure_gemm(dtype: str, quick: bool, verbose: bool) -> dict:
             copies = max(1, pool.numel() // (K * N))
             ws = [pool[c * K * N:(c + 1) * K * N].view(N, K) for c in range(copies)]
             for i, M in enumerate(ms):
-                if 2.0 * M * K * N > cap or (quick and M > 1 and K * N > 1 << 24 and M not in (16, 256)):
+                if 2.0 * M * K * N > cap:
                     continue
                 x = torch.randn(M, K, dtype=dt)
-                reps = int(min(9, max(3, 0.03 / max(2 * M * K * N / 2e11, 1e-5))))
+                reps = int(min(11, max(5, 0.03 / max(2 * M * K * N / 2e11, 1e-5))))
                 it = iter(range(10 ** 9))
                 t = _time(lambda: F.linear(x, ws[next(it) % copies]), reps)
                 cube[i, a, b] = math.log2(2 * M * K * N / t / 1e9)
             if verbose:
                 print(f"  gemm {dtype} K={K:5d} N={N:5d}: " + " ".join(
                     f"{2 ** r:.0f}" for r in cube[:, a, b] if not np.isnan(r)) + " GFLOP/s over M=" + ",".join(map(str, ms)))
-    # fill the holes: along M from measured neighbours (log-linear), then along N from below
+    # fill the holes: along M from measured neighbours (log-linear), then along N from below.
+    # More rows never lower the rate of a GEMM (more reuse per weight byte), so dips and spikes
+    # from timing noise are pooled away with an isotonic fit along M.
     lm = np.log2(ms)
     for a in range(len(ks)):
         for b in range(len(ns)):
             col = cube[:, a, b]
             ok = ~np.isnan(col)
             if ok.any():
-                cube[:, a, b] = np.interp(lm, lm[ok], col[ok])
+                cube[:, a, b] = _isotonic(np.interp(lm, lm[ok], col[ok]))
         for b in range(1, len(ns)):
             if np.isnan(cube[0, a, b]):
                 cube[:, a, b] = cube[:, a, b - 1]
@@ -111,9 +114,23 @@ def measure_gemm(dtype: str, quick: bool, verbose: bool) -> dict:
             "log2_gflops": cube.tolist()}
 
 
+def _isotonic(y: np.ndarray) -> np.ndarray:
+    """Non-decreasing least-squares fit (pool adjacent violators)."""
+    blocks = [[float(v), 1] for v in y]
+    i = 0
+    while i < len(blocks) - 1:
+        if blocks[i][0] > blocks[i + 1][0]:
+            (v1, n1), (v2, n2) = blocks[i], blocks[i + 1]
+            blocks[i:i + 2] = [[(v1 * n1 + v2 * n2) / (n1 + n2), n1 + n2]]
+            i = max(i - 1, 0)
+        else:
+            i += 1
+    return np.concatenate([[v] * n for v, n in blocks])
+
+
 def _workloads(quick: bool) -> list[Workload]:
     if quick:
-        return [Workload("decode", 2, [(512, 1)]), Workload("decode", 16, [(512, 1)]), Workload("prefill", 1, [(256, 1)])]
+        return [Workload("decode", 4, [(256, 1)]), Workload("prefill", 1, [(128, 1)])]
     return ([Workload("decode", b, [(c, 1)]) for b in (1, 8, 32) for c in (256, 2048)] +
             [Workload("prefill", 1, [(n, 1)]) for n in (128, 512)] + [Workload("prefill", 4, [(192, 1)])])
 
@@ -126,7 +143,7 @@ def collect_samples(models: dict[str, ModelSpec], dtype: str, quick: bool, verbo
             g = w.groups()[0]
             ref = RefModel(spec, dtype, int(g.count), g.past + g.new)
             t0 = time.time()
-            meas = measure(spec, w, dtype, reps=3 if quick else 5, model=ref)
+            meas = measure(spec, w, dtype, reps=3 if quick else 6, model=ref)
             for o in model_ops(spec, w, 2 if dtype == "bf16" else 4):
                 out.append({"op": o.op, "kind": o.kind, "cost": o, "t": meas[o.op]})
             if verbose:
@@ -161,32 +178,42 @@ def _fit_kind(samples: list[dict], prof: CpuProfile) -> dict[str, float]:
             "gbps": float(bw.flat[i[2]] / 1e9), "act_eff": float(a.flat[i[3]]), "fit_mean_abs_log_err": e}
 
 
+def _fit_offset(t: np.ndarray, base: np.ndarray, per: np.ndarray | None = None) -> tuple[float, float]:
+    """(o, p) minimising mean |log((o + p * per + base) / t)|: overheads a table or roofline leaves out."""
+    per = np.zeros_like(t) if per is None else per
+    o = np.concatenate([[0.0], np.geomspace(1e-6, 2e-3, 60)])[:, None, None]
+    p = (np.concatenate([[0.0], np.geomspace(1e-6, 1e-3, 40)]) if per.any() else np.zeros(1))[None, :, None]
+    err = np.abs(np.log((o + p * per + base) / t)).mean(-1)
+    i, j = np.unravel_index(np.argmin(err), err.shape)
+    return float(o.flat[i]), float(p.flat[j])
+
+
 def fit_profile(samples: list[dict], prof: CpuProfile) -> CpuProfile:
     # GEMM: a per-call overhead on top of the isolated-sweep tables (dispatch inside a forward)
-    gem = [s for s in samples if s["kind"] == "gemm"]
     prof.gemm_overhead_us = 0.0
+    gem = [s for s in samples if s["kind"] == "gemm"]
     if gem:
-        res = [s["t"] - prof.op_time(s["cost"], "bf16")[0] for s in gem]
-        prof.gemm_overhead_us = max(0.0, float(np.median(res)) * 1e6)
+        base = np.array([prof.op_time(s["cost"], "bf16")[0] for s in gem])
+        prof.gemm_overhead_us = _fit_offset(np.array([s["t"] for s in gem]), base)[0] * 1e6
     for kind in KINDS:
         for dec in (False, True):
             ks = [s for s in samples if s["kind"] == kind and s["cost"].decode == dec]
             if ks:
                 prof.curves[kind + ("_decode" if dec else "")] = _fit_kind(ks, prof)
-    moe = [s for s in samples if s["kind"] == "moe"]
     prof.curves["moe"] = {"overhead_us": 0.0, "per_expert_us": 0.0}
-    if moe:  # routing + gather/scatter: least squares of the residual on (1, touched experts)
-        res = np.array([s["t"] - prof.op_time(s["cost"], "bf16")[0] for s in moe])
+    moe = [s for s in samples if s["kind"] == "moe"]
+    if moe:  # routing + gather/scatter: a fixed part and a part per touched expert
+        base = np.array([prof.op_time(s["cost"], "bf16")[0] for s in moe])
         touched = np.array([s["cost"].gemms[1][3] for s in moe])
-        A = np.stack([np.ones_like(touched), touched], 1)
-        c, *_ = np.linalg.lstsq(A, res, rcond=None)
-        prof.curves["moe"] = {"overhead_us": max(0.0, float(c[0]) * 1e6), "per_expert_us": max(0.0, float(c[1]) * 1e6)}
+        o, p = _fit_offset(np.array([s["t"] for s in moe]), base, touched)
+        prof.curves["moe"] = {"overhead_us": o * 1e6, "per_expert_us": p * 1e6}
     return prof
 
 
 def calibrate(out: str | Path | None = None, quick: bool = False, verbose: bool = True, threads: int = 1,
-              dtype: str = "bf16") -> dict:
+              dtype: str = "bf16", extra_dtypes: tuple[str, ...] = ()) -> dict:
     """Measure, fit, write the profile (default: the package's data/cpu_profile.json); return it."""
+    load0 = os.getloadavg()[0]
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)  # one intra-op thread: stable on a shared box, and per-stage threads are explicit
     t0 = time.time()
@@ -195,7 +222,7 @@ def calibrate(out: str | Path | None = None, quick: bool = False, verbose: bool 
             hot, dram = measure_bandwidth(quick)
             if verbose:
                 print(f"  DRAM copy {dram:.1f} GB/s; hot copy " + " ".join(f"{g:.0f}" for g in hot["gbps"]) + " GB/s")
-            gemm = {d: measure_gemm(d, quick, verbose) for d in ((dtype,) if quick else ("bf16", "fp32"))}
+            gemm = {d: measure_gemm(d, quick, verbose) for d in dict.fromkeys((dtype, *extra_dtypes))}
         prof = CpuProfile(gemm, {k: {"overhead_us": 5.0, "gflops_max": 10.0, "half_mflop": 1.0} for k in KINDS},
                           hot, dram, 0.0)
         models = {k: parse_hf_config(v, k) for k, v in CAL_MODELS.items()}
@@ -206,7 +233,8 @@ def calibrate(out: str | Path | None = None, quick: bool = False, verbose: bool 
     finally:
         torch.set_num_threads(prev)
     prof.meta = {"threads": threads, "dtype": dtype, "quick": quick, "seconds": round(time.time() - t0, 1),
-                 "cpu": _cpu_name(), "mem_gb": _mem_gb(), "torch": torch.__version__}
+                 "cpu": _cpu_name(), "mem_gb": _mem_gb(), "torch": torch.__version__,
+                 "loadavg_before_after": [round(load0, 2), round(os.getloadavg()[0], 2)]}
     d = prof.to_json()
     path = Path(out) if out else CPU_PROFILE
     path.parent.mkdir(parents=True, exist_ok=True)

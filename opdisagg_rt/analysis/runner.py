@@ -138,7 +138,7 @@ class RefModel:
 
 
 def measure(spec: ModelSpec, w: Workload, dtype: str = "bf16", reps: int = 5, model: RefModel | None = None) -> dict[str, float]:
-    """Median seconds per operation name over `reps` forwards (after one warm-up)."""
+    """Seconds per operation name over `reps` forwards after one warm-up (reference.low_median)."""
     g = w.groups()[0]
     m = model or RefModel(spec, dtype, int(g.count), g.past + g.new)
     times: dict[str, list[float]] = {}
@@ -146,4 +146,4 @@ def measure(spec: ModelSpec, w: Workload, dtype: str = "bf16", reps: int = 5, mo
         m.forward(w, {})
         for _ in range(reps):
             m.forward(w, times)
-    return {k: R.median(v) for k, v in times.items()}
+    return {k: R.low_median(v) for k, v in times.items()}

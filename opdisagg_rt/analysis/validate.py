@@ -6,6 +6,7 @@ model-level op (embed, final_norm, lm_head). Error = (predicted - measured) / me
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ def validate(profile: str | Path | None = None, quick: bool = False, dtype: str 
         raise FileNotFoundError(f"no CPU profile at {path}: run `python -m opdisagg_rt.analyze calibrate` first")
     dev = cpu_device(path)
     models = {"smollm2-135m": load_model("smollm2-135m"), "tiny-hybrid": parse_hf_config(TINY_HYBRID, "tiny-hybrid")}
+    load0 = os.getloadavg()[0]
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)  # the profile's thread count
     rows = []
@@ -56,7 +58,7 @@ def validate(profile: str | Path | None = None, quick: bool = False, dtype: str 
             for w in grid(quick):
                 g = w.groups()[0]
                 ref = RefModel(spec, dtype, int(g.count), g.past + g.new)
-                meas = measure(spec, w, dtype, reps=2 if quick else 5, model=ref)
+                meas = measure(spec, w, dtype, reps=2 if quick else 6, model=ref)
                 del ref
                 agg: dict[str, list[float]] = {}
                 for o in model_ops(spec, w, 2 if dtype == "bf16" else 4):
@@ -74,7 +76,8 @@ def validate(profile: str | Path | None = None, quick: bool = False, dtype: str 
         torch.set_num_threads(prev)
     errs = np.abs([r["err_pct"] for r in rows])
     return {"median_abs_err_pct": float(np.median(errs)), "p90_abs_err_pct": float(np.percentile(errs, 90)),
-            "n": len(rows), "profile": str(path), "threads": threads, "dtype": dtype, "ops": rows}
+            "n": len(rows), "profile": str(path), "threads": threads, "dtype": dtype,
+            "loadavg_before_after": [round(load0, 2), round(os.getloadavg()[0], 2)], "ops": rows}
 
 
 def format_report(rep: dict) -> str:
@@ -82,6 +85,7 @@ def format_report(rep: dict) -> str:
     for r in rep["ops"]:
         lines.append(f"{r['model']:13s} {r['phase']:7s} {r['batch']:>3d} {r['context']:>5d} {r['op']:32s} "
                      f"{r['measured_us']:12.1f} {r['predicted_us']:12.1f} {r['err_pct']:7.1f}")
+    lines.append(f"load average before/after: {rep['loadavg_before_after']} (2 cores; other processes skew CPU timings)")
     lines.append(f"{rep['n']} entries: median |error| {rep['median_abs_err_pct']:.1f}% (bar 15%), "
                  f"p90 {rep['p90_abs_err_pct']:.1f}% (bar 35%)")
     return "\n".join(lines)

@@ -124,3 +124,34 @@ def test_failed_step_fails_its_requests_not_the_engine(engine, monkeypatch):
     monkeypatch.setattr(engine.runner, "execute", original)
     assert not engine.has_unfinished_requests()
     assert engine.generate("hello", SamplingParams(max_tokens=2), use_tqdm=False)[0].finished
+
+
+def test_persistent_loop_serves_concurrent_callers(engine):
+    import threading
+
+    from opdisagg_rt.scheduler.loop import EngineLoop
+    prompts = ["Paris is", "The sum of 2 and 3 is", "My favourite color is"]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = [o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)]
+    loop = EngineLoop(engine)
+    try:
+        results = [None] * 3
+
+        def client(i):
+            results[i] = loop.submit(prompts[i], params).result().token_ids
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == expected
+        with pytest.raises(ValueError, match="prompt is empty"):
+            loop.submit("", params)
+        long = loop.submit("Tell me everything.", SamplingParams(max_tokens=200, ignore_eos=True))
+        loop.abort(long.request_id)
+        outs = list(long)  # the stream ends instead of hanging
+        assert len(outs) < 200 and not any(o.finish_reason == "length" for o in outs)
+    finally:
+        loop.shutdown()
+    assert not engine.has_unfinished_requests()
