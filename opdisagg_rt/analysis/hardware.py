@@ -131,24 +131,25 @@ def _interp(xs: list[float], ys: list[float], x: float) -> float:
 
 @dataclass(slots=True)
 class CpuProfile:
-    """Fitted from calibrate.py. gemm[dtype]: achieved GFLOP/s on a grid of log2 M x log2 K x log2 N
-    with weights cold in DRAM; curves[kind]: fitted (overhead_us, gflops_max, half_mflop, gbps)
-    for the non-GEMM kinds; hot_gbps: copy bandwidth vs working set (activations stay in cache)."""
-    gemm: dict[str, dict[str, list]]
+    """Fitted by calibrate.py: gemm_fit, the GEMM curve fitted on GEMMs timed inside forward passes;
+    curves[kind]: (overhead_us, gflops_max, half_mflop, gbps, act_eff) of the other kinds; hot:
+    copy bandwidth vs working set (activations stay in cache); gemm: the isolated GEMM sweep."""
+    gemm: dict[str, dict[str, list]]  # the isolated sweep, kept as measured (reference data)
     curves: dict[str, dict[str, float]]
     hot: dict[str, list[float]]
     dram_gbps: float
-    gemm_overhead_us: float
+    gemm_fit: dict[str, float]  # overhead_us, gflops_max, m_half, gbps: fitted on in-forward GEMMs
     meta: dict[str, Any] = field(default_factory=dict)
+    samples: list = field(default_factory=list)  # raw calibration measurements, for refits and audits
 
     def gemm_time(self, M: float, K: float, N: float, dtype: str) -> float:
-        """Trilinear interpolation of log2(GFLOP/s) over log2 M, log2 K, log2 N (clamped at the grid edges)."""
-        g = self.gemm.get(dtype) or self.gemm["bf16"]
-        cube = g["log2_gflops"]  # [M][K][N]
-        plane = [[_interp(g["log2_n"], row, N) for row in mk] for mk in cube]
-        line = [_interp(g["log2_k"], col, K) for col in plane]
-        rate = 2 ** _interp(g["log2_m"], line, max(M, 1.0))
-        return self.gemm_overhead_us * 1e-6 + 2 * M * K * N / (rate * 1e9)
+        """Fitted in-forward GEMM curve: o + max(2MKN / (R M / (M + M_half)), weight + activation bytes / bw).
+        The rate's dependence on M is the size-dependent efficiency (M = 1 is a GEMV)."""
+        f = self.gemm_fit
+        b = 4 if dtype == "fp32" else 2
+        tc = 2 * M * K * N / (f["gflops_max"] * 1e9 * M / (M + f["m_half"]))
+        tm = (K * N + M * (K + N)) * b / (f["gbps"] * 1e9)
+        return f["overhead_us"] * 1e-6 + max(tc, tm)
 
     def hot_bw(self, nbytes: float) -> float:
         return _interp(self.hot["log2_bytes"], self.hot["gbps"], nbytes) * 1e9
@@ -171,14 +172,14 @@ class CpuProfile:
         return c["overhead_us"] * 1e-6 + max(tc, tm), "compute" if tc > tm else "memory"
 
     def to_json(self) -> dict:
-        return {"gemm": self.gemm, "curves": self.curves, "hot": self.hot, "dram_gbps": self.dram_gbps,
-                "gemm_overhead_us": self.gemm_overhead_us, "meta": self.meta}
+        return {"meta": self.meta, "gemm_fit": self.gemm_fit, "curves": self.curves, "hot": self.hot,
+                "dram_gbps": self.dram_gbps, "gemm": self.gemm, "samples": self.samples}
 
 
 def cpu_device(profile_path: str | Path, link: Link | None = None) -> Device:
     d = json.loads(Path(profile_path).read_text())
-    prof = CpuProfile(d["gemm"], d["curves"], d["hot"], d["dram_gbps"], d["gemm_overhead_us"], d.get("meta", {}))
-    peak = max(2 ** v for g in prof.gemm.values() for mk in g["log2_gflops"] for kn in mk for v in kn) / 1e3
+    prof = CpuProfile(d["gemm"], d["curves"], d["hot"], d["dram_gbps"], d["gemm_fit"], d.get("meta", {}))
+    peak = prof.gemm_fit["gflops_max"] / 1e3
     mem_gb = d.get("meta", {}).get("mem_gb", 16.0)
     return Device("cpu", {"bf16": peak, "fp32": peak}, mem_gb, prof.dram_gbps / 1e3, None,
                   {"scale_up": link or Link("shm", 5, 30)}, profile=prof)
