@@ -1,7 +1,7 @@
 PY ?= python
 PIP = $(PY) -m pip
 
-.PHONY: install run bench test
+.PHONY: install run bench bench-kvstore test
 
 # torch first (the local CPU wheel), then the extension built against it without build isolation.
 install:
@@ -16,6 +16,15 @@ run: install
 bench: install
 	mkdir -p bench/results
 	$(PY) -m opdisagg_rt.bench --compare hf --profile --json bench/results/default.json --plot bench/results/default.png
+
+# KV store workloads (needs a redis-server on 127.0.0.1:6379 for the Redis tier).
+bench-kvstore: install
+	mkdir -p bench/results
+	$(PY) -m opdisagg_rt.bench --workload docqa --kv-store cpu --kv-store redis://127.0.0.1:6379/0 \
+		--kv-store disk:/tmp/opdisagg-kvstore --compare no-store --json bench/results/kvstore_docqa.json \
+		--plot bench/results/kvstore_docqa.png
+	$(PY) -m opdisagg_rt.bench --workload multiround --kv-store cpu --compare no-store \
+		--json bench/results/kvstore_multiround.json --plot bench/results/kvstore_multiround.png
 
 test: install
 	$(PY) -m pytest -q tests

@@ -102,15 +102,34 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default=None, help="GGUF file or HF directory (default: embedded SmolLM2)")
     ap.add_argument("--num-requests", type=int, default=32)
     ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=None, help="default 128 (16 for docqa/multiround)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--compare", action="append", default=[], choices=["hf"], help="peer to run in the same process")
+    ap.add_argument("--compare", action="append", default=[], choices=["hf", "no-store"],
+                    help="peer to run in the same process (no-store: the kv-store workloads without a store)")
     ap.add_argument("--profile", action="store_true", help="also time each operation of one decode step")
     ap.add_argument("--json", dest="json_path", help="write results as JSON here")
     ap.add_argument("--plot", help="write a PNG chart here")
+    # -- kvstore workloads (opdisagg_rt/bench_workloads.py) --
+    ap.add_argument("--workload", default="random", choices=["random", "docqa", "multiround"])
+    ap.add_argument("--kv-store", action="append", default=[], help="cpu | disk:DIR | redis://[:pw@]host:port/db "
+                    "| a comma-separated stack; repeat the flag to compare several stores in one run")
+    ap.add_argument("--kv-store-size", type=int, default=None, help="bytes of the cpu (and disk) tier")
+    ap.add_argument("--kv-store-chunk-size", type=int, default=256)
+    ap.add_argument("--kv-cache-bytes", type=int, default=256 << 20, help="engine KV cache (kv-store workloads)")
+    ap.add_argument("--num-docs", type=int, default=8)
+    ap.add_argument("--doc-len", type=int, default=2048)
+    ap.add_argument("--questions", type=int, default=4)
+    ap.add_argument("--users", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--system-len", type=int, default=1024)
+    ap.add_argument("--turn-len", type=int, default=64)
     args = ap.parse_args(argv)
+    if args.workload != "random":
+        return _kvstore_main(args)
+    if args.output_len is None:
+        args.output_len = 128
 
     from opdisagg_rt.engine import Engine
     from opdisagg_rt.models.loader import load_model
@@ -135,6 +154,21 @@ def main(argv: list[str] | None = None) -> dict:
             json.dump(result, f, indent=2)
     if args.plot:
         plot(result, args.plot)
+    return result
+
+
+def _kvstore_main(args) -> dict:
+    from opdisagg_rt import bench_workloads
+    from opdisagg_rt.models.loader import load_model
+    if args.output_len is None:
+        args.output_len = 16
+    result = bench_workloads.run(args, load_model(args.model))
+    bench_workloads.print_table(result)
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.plot:
+        bench_workloads.plot(result, args.plot)
     return result
 
 

@@ -32,7 +32,9 @@ class Engine:
     def __init__(self, model: str | LoadedModel | None = None, dtype: str = "bfloat16", max_model_len: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, block_size: int = 16,
                  kv_cache_memory: float | int = 0.1, enable_prefix_caching: bool = True,
-                 num_threads: int | None = None, seed: int = 0):
+                 num_threads: int | None = None, seed: int = 0,
+                 kv_store=None, kv_store_size: int | None = None, kv_store_chunk_size: int = 256,
+                 kv_store_salt: str | None = None, stage_spec=None):
         self.config = cfg = EngineConfig(getattr(model, "source", model), dtype, max_model_len, max_num_seqs, max_num_batched_tokens,
                                          block_size, kv_cache_memory, enable_prefix_caching, num_threads, seed)
         if dtype not in DTYPES:
@@ -49,13 +51,25 @@ class Engine:
         if self.max_model_len > limit:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
                              f"max_position_embeddings={limit}")
-        ops = build_model_ops(loaded, self.dtype, self.max_model_len)
+        # --- disagg (issue 6): a stage spec runs the operations on stage workers ---
+        if stage_spec is not None:
+            from opdisagg_rt.disagg.executor import DisaggRunner
+            self.runner = DisaggRunner(loaded, stage_spec, block_size, self.dtype, self.max_model_len,
+                                       max_num_batched_tokens, max_num_seqs)
+        else:
+            self.runner = ModelRunner(build_model_ops(loaded, self.dtype, self.max_model_len), block_size, self.dtype)
         del loaded
-        self.runner = ModelRunner(ops, block_size, self.dtype)
+        # --- end disagg ---
         num_blocks = self.runner.allocate_kv_cache(kv_cache_budget(kv_cache_memory))
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching,
                                  hash_extra=f"{self.fingerprint}:{dtype}".encode())
-        self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, self.max_model_len)
+        # kvstore hook: the external KV store ("cpu", "disk:DIR", "redis://...", a list of them).
+        self.kv_connector = None
+        if kv_store is not None:
+            from opdisagg_rt.kvstore import make_connector
+            self.kv_connector = make_connector(self, kv_store, kv_store_size, kv_store_chunk_size, kv_store_salt)
+        self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, self.max_model_len,
+                                   connector=self.kv_connector)
         self.sampler = Sampler(seed)
         self.eos_token_ids = list(self.tokenizer.eos_token_ids or self.model_config.eos_token_ids)
         self._streams: dict[str, RequestStream] = {}
@@ -172,6 +186,8 @@ class Engine:
         metrics = RequestMetrics(req.arrival_time, req.first_scheduled_time, req.first_token_time,
                                  req.finished_time, req.num_prompt_tokens, len(req.output_token_ids),
                                  max(req.num_cached_tokens, 0), req.num_preemptions)
+        if self.kv_connector is not None:  # kvstore hook: per-request store metrics
+            metrics.num_store_tokens = self.kv_connector.request_store_tokens(req.request_id)
         token_ids = list(stream.token_ids) if stream is not None else list(req.output_token_ids)
         o = RequestOutput(
             req.request_id, req.prompt, req.prompt_token_ids, stream.text if stream else "", token_ids,
@@ -231,6 +247,11 @@ class Engine:
     def shutdown(self) -> None:
         for rid in list(self.scheduler.requests):
             self.abort(rid)
+        if hasattr(self.runner, "shutdown"):  # disagg: stop stage workers, remove shared memory
+            self.runner.shutdown()
+        if self.kv_connector is not None:  # kvstore hook: finish queued stores, close tiers
+            self.kv_connector.close()
+            self.kv_connector = self.scheduler.connector = None
 
     def __enter__(self) -> "Engine":
         return self

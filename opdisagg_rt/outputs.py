@@ -14,6 +14,12 @@ class RequestMetrics:
     num_generated_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the in-engine prefix cache
     num_preemptions: int = 0
+    num_store_tokens: int = 0  # prompt tokens loaded from the external KV store (kvstore)
+
+    @property
+    def num_computed_prompt_tokens(self) -> int:
+        """Prompt tokens prefilled here: neither from the prefix cache nor from the store."""
+        return self.num_prompt_tokens - self.num_cached_tokens - self.num_store_tokens
 
     @property
     def ttft(self) -> float | None:

@@ -41,8 +41,9 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int):
+                 max_model_len: int, connector=None):
         self.kv = kv
+        self.connector = connector  # kvstore hook: opdisagg_rt.kvstore.KVConnector or None
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -92,11 +93,16 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             hits, num_hit = self.kv.get_computed_blocks(req)
-            num_new = min(req.num_tokens - num_hit, budget)
-            if not self.kv.allocate_slots(req, num_new, hits):
+            # kvstore hook: tokens past the in-engine hit that the external store can supply.
+            num_ext = self.connector.lookup(req, num_hit) if self.connector is not None else 0
+            num_new = min(req.num_tokens - num_hit - num_ext, budget)
+            if not self.kv.allocate_slots(req, num_ext + num_new, hits):
                 break
             self.waiting.popleft()
             req.num_computed_tokens = num_hit
+            if num_ext:  # kvstore hook: fill the blocks; a failed chunk is computed instead
+                req.num_computed_tokens += self.connector.load(
+                    req, self.kv.block_table(req.request_id), num_hit, num_ext)
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit
             req.status = RequestStatus.RUNNING
@@ -122,6 +128,8 @@ class Scheduler:
                 continue
             req.num_computed_tokens += s.num_new_tokens
             self.kv.cache_full_blocks(req, req.num_computed_tokens)
+            if self.connector is not None:  # kvstore hook: store newly full chunks (background)
+                self.connector.on_computed(req)
             token = sampled.get(req.request_id)
             if token is not None:
                 req.output_token_ids.append(token)
@@ -138,6 +146,8 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        if self.connector is not None:  # kvstore hook: store the generated part before freeing
+            self.connector.on_finish(req, ok=status is not RequestStatus.FINISHED_ERROR)
         self.kv.free(req)
         self.requests.pop(req.request_id, None)
 

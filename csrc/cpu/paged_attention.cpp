@@ -7,9 +7,11 @@
 // keys, so scratch memory does not grow with the context; everything accumulates in float32.
 //
 // Vectorization: the build is baseline x86-64 (-O3, SSE2), so the hot function is compiled in
-// several ISA variants with GCC function multiversioning (target_clones) and picked at load time
-// by CPUID. Its loops are plain float loops written for the autovectorizer (fixed-width multiple
-// accumulators, `omp simd` reductions, a polynomial exp instead of libm's scalar expf).
+// several ISA variants with GCC function multiversioning (target_clones: x86-64-v4 = AVX-512,
+// v3 = AVX2+FMA, baseline) and picked at load time by CPUID. The math uses GCC vector extensions
+// of 16 floats (one zmm on AVX-512; split into ymm/xmm by the other clones): QK as 16 keys x
+// head_dim accumulators reduced with one transpose-add tree, PV with 4 independent FMA chains,
+// a polynomial exp, and software prefetch of the next tile's K/V rows (blocks are scattered).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -258,9 +260,10 @@ OPDISAGG_INLINE void run_items_impl(const Ctx& c, const Item* items, int64_t n_i
     // Offsets of keys [t0, t1) into offs[which], and a prefetch of their K/V rows: the rows
     // of random blocks come from L3/DRAM, so the next tile's loads overlap this tile's math.
     auto map_tile = [&](int64_t t0, int64_t t1, int which) {
+      int64_t blk = t0 / c.block_size, in_blk = t0 % c.block_size;  // one division per tile
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t slot = bt[t / c.block_size] * c.block_size + t % c.block_size;
-        const int64_t off = slot * slot_stride + it.g * D;
+        const int64_t off = (bt[blk] * c.block_size + in_blk) * slot_stride + it.g * D;
+        if (++in_blk == c.block_size) in_blk = 0, ++blk;
         offs[which][t - t0] = off;
         for (int64_t bidx = 0; bidx < row_bytes; bidx += 64) {
           __builtin_prefetch(reinterpret_cast<const char*>(kc + off) + bidx);

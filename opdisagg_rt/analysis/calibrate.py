@@ -73,9 +73,9 @@ def measure_bandwidth(quick: bool) -> tuple[dict, float]:
 
 def measure_gemm(dtype: str, quick: bool, verbose: bool) -> dict:
     dt = DTYPES[dtype]
-    ms = [1, 16, 256] if quick else [1, 4, 16, 64, 256, 1024]
-    ks = [512, 2048] if quick else [512, 2048, 8192]
-    ns = [256, 4096, 65536] if quick else [256, 4096, 65536]
+    ms = [1, 16, 256]
+    ks = [512, 2048] if quick else [512, 4096]
+    ns = [256, 4096, 65536] if quick else [512, 8192]
     pool = torch.empty(POOL_BYTES * 8 // torch.finfo(dt).bits, dtype=dt).normal_(0, 0.02)
     cube = np.full((len(ms), len(ks), len(ns)), np.nan)
     cap = 3e9 if quick else 2e10
@@ -148,7 +148,7 @@ def collect_samples(models: dict[str, ModelSpec], dtype: str, quick: bool, verbo
             t0 = time.time()
             with torch.inference_mode():
                 ref.forward(w, {})  # warm-up
-                for _ in range(2 if quick else 3):
+                for _ in range(2):
                     ref.forward(w, times[i])
             if verbose:
                 print(f"  pass {p + 1}/{passes} {name} {w.phase} b={w.batch} ctx={w.context[0][0]}: {time.time() - t0:.1f}s")
@@ -203,6 +203,7 @@ def _fit_gemm(samples: list[dict], prof: CpuProfile) -> dict[str, float]:
     rows = [(s["cost"].gemms) for s in samples]
     G = max(len(r) for r in rows)
     M, K, N, C = (np.zeros((len(rows), G)) for _ in range(4))
+    M += 1  # padding slots (ops with fewer GEMMs) get C = 0 and must not produce 0/0
     for i, r in enumerate(rows):
         for j, (m, k, n, c) in enumerate(r):
             M[i, j], K[i, j], N[i, j], C[i, j] = max(m, 1), k, n, c
@@ -240,14 +241,14 @@ def fit_profile(samples: list[dict], prof: CpuProfile) -> CpuProfile:
         touched = np.array([s["cost"].gemms[1][3] for s in moe])
         o, p = _fit_offset(np.array([s["t"] for s in moe]), base, touched)
         prof.curves["moe"] = {"overhead_us": o * 1e6, "per_expert_us": p * 1e6}
-    prof.samples = [{"op": s["op"], "model": s["model"], "workload": s["workload"], "kind": s["kind"],
-                     "flops": s["cost"].flops, "bytes": s["cost"].bytes, "measured_us": s["t"] * 1e6,
-                     "fitted_us": prof.op_time(s["cost"], "bf16")[0] * 1e6} for s in samples]
+    # [model, workload, op, measured us, fitted us]: FLOPs and bytes follow from ops.model_ops
+    prof.samples = [[s["model"], s["workload"], s["op"], s["t"] * 1e6, prof.op_time(s["cost"], "bf16")[0] * 1e6]
+                    for s in samples]
     return prof
 
 
 def calibrate(out: str | Path | None = None, quick: bool = False, verbose: bool = True, threads: int = 1,
-              dtype: str = "bf16", extra_dtypes: tuple[str, ...] = ()) -> dict:
+              dtype: str = "bf16") -> dict:
     """Measure, fit, write the profile (default: the package's data/cpu_profile.json); return it."""
     load0 = os.getloadavg()[0]
     prev = torch.get_num_threads()
@@ -258,7 +259,8 @@ def calibrate(out: str | Path | None = None, quick: bool = False, verbose: bool 
             hot, dram = measure_bandwidth(quick)
             if verbose:
                 print(f"  DRAM copy {dram:.1f} GB/s; hot copy " + " ".join(f"{g:.0f}" for g in hot["gbps"]) + " GB/s")
-            gemm = {d: measure_gemm(d, quick, verbose) for d in dict.fromkeys((dtype, *extra_dtypes))}
+            # both dtypes, small grid: the ratio scales the fitted GEMM curve for the other dtype
+            gemm = {d: measure_gemm(d, quick, verbose) for d in dict.fromkeys((dtype, "fp32" if dtype == "bf16" else "bf16"))}
         prof = CpuProfile(gemm, {}, hot, dram, {}, {"dtype": dtype})
         models = {k: parse_hf_config(v, k) for k, v in CAL_MODELS.items()}
         if quick:
@@ -273,8 +275,24 @@ def calibrate(out: str | Path | None = None, quick: bool = False, verbose: bool 
     d = prof.to_json()
     path = Path(out) if out else CPU_PROFILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(d, indent=1))
+    write_profile(d, path)
     return d
+
+
+def write_profile(d: dict, path: Path) -> None:
+    """Compact JSON: 4 significant digits, one raw sample per line."""
+    def r(x):
+        if isinstance(x, float):
+            return float(f"{x:.4g}")
+        if isinstance(x, dict):
+            return {k: r(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [r(v) for v in x]
+        return x
+    d = r(d)
+    head = json.dumps({k: v for k, v in d.items() if k != "samples"}, indent=1)[:-2]
+    rows = ",\n  ".join(json.dumps(s) for s in d.get("samples", []))
+    path.write_text(f'{head},\n "samples": [\n  {rows}\n ]\n}}\n')
 
 
 def _cpu_name() -> str:

@@ -147,9 +147,22 @@ class CpuProfile:
         The rate's dependence on M is the size-dependent efficiency (M = 1 is a GEMV)."""
         f = self.gemm_fit
         b = 4 if dtype == "fp32" else 2
-        tc = 2 * M * K * N / (f["gflops_max"] * 1e9 * M / (M + f["m_half"]))
-        tm = (K * N + M * (K + N)) * b / (f["gbps"] * 1e9)
+        rc, rm = self.dtype_ratio(dtype)
+        tc = 2 * M * K * N / (rc * f["gflops_max"] * 1e9 * M / (M + f["m_half"]))
+        tm = (K * N + M * (K + N)) * b / (rm * f["gbps"] * 1e9)
         return f["overhead_us"] * 1e-6 + max(tc, tm)
+
+    def dtype_ratio(self, dtype: str) -> tuple[float, float]:
+        """(compute, bandwidth) ratio of `dtype` to the fitted dtype, from the isolated sweeps:
+        the rate ratio at the largest M and the weight-bytes/s ratio at M = 1."""
+        base = self.meta.get("dtype", "bf16")
+        if dtype == base or dtype not in self.gemm or base not in self.gemm:
+            return 1.0, 1.0
+        a, b = self.gemm[dtype]["log2_gflops"], self.gemm[base]["log2_gflops"]
+        big = sum(2 ** v for row in a[-1] for v in row) / sum(2 ** v for row in b[-1] for v in row)
+        one = sum(2 ** v for row in a[0] for v in row) / sum(2 ** v for row in b[0] for v in row)
+        bsz = {"fp32": 4, "bf16": 2}
+        return big, one * bsz.get(dtype, 2) / bsz.get(base, 2)
 
     def hot_bw(self, nbytes: float) -> float:
         return _interp(self.hot["log2_bytes"], self.hot["gbps"], nbytes) * 1e9

@@ -141,6 +141,13 @@ def _evaluate(ctx: Ctx, assign: dict[str, tuple[str, int]], m: int) -> dict | No
         for st, t in per_stage.items():
             busy[st] = busy.get(st, 0.0) + t * m * len(idx)
     io = assign["io"]
+    first, last = ctx.model.layers[0], ctx.model.layers[-1]
+    for l, role in ((first, "attn_norm"), (last, "moe" if last.moe else "mlp")):  # residual into / out of the layers
+        st = assign[_group_of(f"layers.0.{role}", l)]
+        if st != io:
+            x = _link_time(ctx, io, st, ctx.w.tokens / m * ctx.model.hidden_size * DTYPE_BYTES[ctx.dtype])
+            step += x
+            link_busy += x * m
     for name in IO:
         dt, bound = _op_time(ctx, m, name, *io)
         step += dt * m

@@ -1,25 +1,16 @@
 """Attention over the paged KV cache with torch ops: the CPU path of `layers.{i}.attn`.
 
-Decode rows (one query each) run as one batched SDPA over their gathered blocks with a length
-mask; each prefill runs its own SDPA, straight on the new K/V when nothing is cached before it.
+Decode rows (one query each) go to the C++ paged-attention kernel, which reads the blocks in
+place; each prefill runs torch's SDPA (blocked matmuls win for many query rows), straight on the
+new K/V when nothing is cached before it, else over its gathered blocks.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from opdisagg_rt import ops
 from opdisagg_rt.step_batch import StepBatch
-
-
-def _decode_key_mask(batch: StepBatch, num_blocks: int, window: int | None) -> torch.Tensor:
-    """[D, 1, 1, L] True where key position j is visible to the decode query (at seq_len-1)."""
-    d = batch.num_decodes
-    key_pos = torch.arange(num_blocks * batch.block_size)
-    seq_lens = batch.seq_lens[:d, None]
-    mask = key_pos[None, :] < seq_lens
-    if window is not None:
-        mask &= key_pos[None, :] >= seq_lens - window
-    return mask[:, None, None, :]
 
 
 def _prefill_mask(q_pos: torch.Tensor, ctx: int, window: int | None) -> torch.Tensor:
@@ -41,14 +32,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     bs = batch.block_size
     nd = batch.num_decodes
     if nd:
-        nblk = batch.cached("decode_nblk", lambda: -(-max(batch.seq_lens_list[:nd]) // bs))
-        ids = batch.cached("decode_block_ids", lambda: batch.block_tables[:nd, :nblk].reshape(-1))
-        mask = batch.cached(f"decode_mask_{window}", lambda: _decode_key_mask(batch, nblk, window))
-        kd = k_cache.index_select(0, ids).view(nd, nblk * bs, kv_heads, head_dim).transpose(1, 2)
-        vd = v_cache.index_select(0, ids).view(nd, nblk * bs, kv_heads, head_dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q[:nd].view(nd, num_heads, 1, head_dim), kd, vd,
-                                           attn_mask=mask, scale=scale, enable_gqa=True)
-        out[:nd] = o.view(nd, num_heads, head_dim)
+        # Decodes: the C++ kernel reads K/V straight from the paged cache (no gather).
+        qsl, lens, tables = batch.cached("decode_meta", lambda: (
+            batch.query_start_loc[: nd + 1], batch.seq_lens[:nd], batch.block_tables[:nd]))
+        ops.paged_attention(out, q, k_cache, v_cache, tables, qsl, lens, scale, window or 0)
     starts = batch.query_start_loc.tolist() if batch.num_reqs > nd else ()
     for r in range(nd, batch.num_reqs):
         s, e, ctx = starts[r], starts[r + 1], batch.seq_lens_list[r]

@@ -1,0 +1,295 @@
+"""DisaggRunner: the ModelRunner interface (prepare / execute / allocate_kv_cache) over stage
+worker processes, as a stage spec places the operations.
+
+Per step the engine sends each stage the step's metadata once per micro-batch (metadata
+caching); the stages then exchange only activations, and the stage that runs `lm_head` returns
+the logits. A one-stage spec on this host runs in the engine process exactly like ModelRunner.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import os
+import socket
+import time
+import weakref
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as tmp
+
+from opdisagg_rt.disagg.graph import DRIVER, OpSig, build_graph
+from opdisagg_rt.disagg.meta import DisaggBatch, encode_batch, metadata_bytes, split_micro_batches
+from opdisagg_rt.disagg.spec import StageSpec, parse_stage_spec
+from opdisagg_rt.disagg.transport.shm import ShmRing, ShmSegment, new_name
+from opdisagg_rt.disagg.weights import dumps, export_weights, meta_ops
+from opdisagg_rt.disagg.worker import (FAILED, READY, S_PID, S_STATE, S_STEP, S_UNIT, STATUS_BYTES, Status,
+                                       worker_main)
+from opdisagg_rt.layers.attention import AttentionOp
+from opdisagg_rt.model_runner import ModelRunner
+from opdisagg_rt.models.executor import run_ops
+from opdisagg_rt.models.loader import LoadedModel
+from opdisagg_rt.models.registry import build_model_ops
+
+logger = logging.getLogger(__name__)
+
+
+class StageFailure(RuntimeError):
+    """A stage worker died, hung or raised: the step (and the runtime) cannot continue."""
+
+
+def row_bytes(cfg, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes per token row of every activation a Llama-family forward pass names."""
+    e = torch.tensor([], dtype=dtype).element_size()
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return {"residual": cfg.hidden_size * e, "hidden": cfg.hidden_size * e, "q": q * e, "k": kv * e, "v": kv * e,
+            "attn_out": q * e, "logits": cfg.vocab_size * 4}
+
+
+class DisaggRunner(ModelRunner):
+    def __init__(self, loaded: LoadedModel, stage_spec: str | Path | dict, block_size: int, dtype: torch.dtype,
+                 max_positions: int, max_num_batched_tokens: int = 2048, max_num_seqs: int = 64):
+        super().__init__([], block_size, dtype)
+        self.loaded, self.max_positions = loaded, max_positions
+        self.max_tokens, self.max_seqs = max_num_batched_tokens, max_num_seqs
+        mops = meta_ops(loaded, dtype, max_positions)  # names, declared tensors, attention shapes
+        self.sigs = [OpSig(op.name, tuple(op.reads), tuple(op.writes)) for op in mops]
+        self.attn_ops = [op for op in mops if isinstance(op, AttentionOp)]
+        self.spec: StageSpec = parse_stage_spec(stage_spec, [s.name for s in self.sigs])
+        self.graph = build_graph(self.sigs, self.spec.owner)
+        self.micro_batches = self.spec.micro_batches
+        st = self.spec.stages
+        self.inline = len(st) == 1 and st[0].host is None and st[0].device == "cpu" and not self.spec.raw.get("processes")
+        self.procs: list = []
+        self.rings: list[ShmRing] = []
+        self.segments: list[ShmSegment] = []
+        self.failed: str | None = None
+        self.step_id = 0
+        self.memory: dict[str, dict] = {}
+        self.counters = {"steps": 0, "meta_bytes": 0, "meta_bytes_uncached": 0, "logits_bytes": 0}
+        self._finalizer = weakref.finalize(self, DisaggRunner._cleanup, self.procs, self.rings, self.segments)
+        atexit.register(self._finalizer)
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def allocate_kv_cache(self, budget_bytes: int) -> int:
+        """Same block count as the colocated engine; each stage allocates its own layers' blocks."""
+        num_blocks = budget_bytes // self.block_bytes()
+        if num_blocks < 2:
+            raise ValueError(f"kv_cache_memory of {budget_bytes} bytes holds {num_blocks} KV blocks "
+                             f"of {self.block_bytes()} bytes; need at least 2")
+        self.num_blocks = num_blocks
+        if self.inline:
+            self.ops = build_model_ops(self.loaded, self.dtype, self.max_positions)
+            self.attn_ops = [op for op in self.ops if isinstance(op, AttentionOp)]
+            ModelRunner.allocate_kv_cache(self, budget_bytes)
+            st = self.spec.stages[0]
+            self.memory = {st.name: {"weights_bytes": sum(op.nbytes() for op in self.ops),
+                                     "kv_cache_bytes": num_blocks * self.block_bytes(), "num_ops": len(self.ops),
+                                     "attn_layers": len(self.attn_ops), "pid": os.getpid()}}
+        else:
+            self._start_workers()
+        self.loaded = None  # the workers hold the weights now
+        return num_blocks
+
+    def _start_workers(self) -> None:
+        ctx = tmp.get_context("spawn")
+        spec, graph, m = self.spec, self.graph, self.micro_batches
+        rows = row_bytes(self.loaded.config, self.dtype)
+        slots = graph.slots_needed(m)
+        wseg, wdesc = export_weights(self.loaded.weights)
+        self.segments.append(wseg)
+        status = ShmSegment(new_name("status"), STATUS_BYTES * len(spec.stages), create=True)
+        self.segments.append(status)
+        self.status = status
+        meta_slot = 8 * (4 * self.max_tokens + 4 * self.max_seqs + 8
+                         + self.max_seqs * (self.max_positions // self.block_size + 2)) + 64 * self.max_seqs + 65536
+        if spec.transport == "dist":
+            world = len(spec.stages) + 1
+            ranks = {DRIVER: 0, **{s.name: s.index + 1 for s in spec.stages}}
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            eps = {s.name: {"kind": "dist", "rank": s.index + 1, "world": world, "ranks": ranks} for s in spec.stages}
+        else:
+            eps = {s.name: {"kind": "shm", "inputs": {}, "outputs": {}} for s in spec.stages}
+            for (src, dst), n in slots.items():
+                if dst == DRIVER:
+                    continue
+                width = max(sum(rows[x] for x in msg.names) for msg in graph.messages() if (msg.src, msg.dst) == (src, dst))
+                r = ShmRing.spec(n, self.max_tokens * width + 4096, ctx)
+                eps[src]["outputs"][dst] = eps[dst]["inputs"][src] = r
+            for s in spec.stages:
+                out = rows["logits"] * self.max_seqs if any(msg.src == s.name for msg in graph.messages()
+                                                               if msg.dst == DRIVER) else 0
+                eps[s.name]["ctrl"] = ShmRing.spec(m + 1, meta_slot, ctx)
+                eps[s.name]["to_driver"] = ShmRing.spec(m + 1, out + 65536, ctx)
+            for e in eps.values():  # the engine creates (and later unlinks) every segment
+                for r in [e["ctrl"], e["to_driver"], *e["outputs"].values()]:
+                    self.rings.append(ShmRing.open(r, create=True))
+        base = {"model_config": dataclasses.asdict(self.loaded.config), "source": self.loaded.source,
+                "dtype": str(self.dtype).removeprefix("torch."), "max_positions": self.max_positions,
+                "weights": wdesc, "num_blocks": self.num_blocks, "block_size": self.block_size,
+                "sigs": [[s.name, list(s.reads), list(s.writes)] for s in self.sigs], "owner": spec.owner,
+                "status": status.name, "status_size": status.size}
+        for s in spec.stages:
+            cfg = {**base, "stage": s.name, "index": s.index, "threads": s.threads, "device": s.device, "ops": s.ops}
+            p = ctx.Process(target=worker_main, args=(dumps(cfg), eps[s.name]), name=f"opdisagg-stage-{s.name}",
+                            daemon=True)
+            p.start()
+            p._args = ()  # already pickled into the child; drop our semaphore references with it
+            self.procs.append(p)
+        if spec.transport == "dist":
+            from opdisagg_rt.disagg.transport.dist import DistEndpoint, init_dist
+            init_dist(0, len(spec.stages) + 1, "cpu")
+            self.ctrl = {s.name: DistEndpoint(s.index + 1, "cpu") for s in spec.stages}
+            self.to_driver = self.ctrl
+        else:
+            by_name = {r.name: r for r in self.rings}
+            self.ctrl = {s.name: by_name[eps[s.name]["ctrl"]["name"]] for s in spec.stages}
+            self.to_driver = {s.name: by_name[eps[s.name]["to_driver"]["name"]] for s in spec.stages}
+        self.out_stage = next(msg.src for msg in graph.messages() if msg.dst == DRIVER)
+        deadline = time.monotonic() + max(self.spec.timeout_s, 300)
+        for s in spec.stages:
+            h, _ = self._recv(s.name, deadline, "start-up")
+            self.to_driver[s.name].release()
+            self.memory[s.name] = {**h["memory"], "pid": h["pid"]}
+        wseg.unlink()  # every stage has copied its weights out
+        wseg.close()
+        self.segments.remove(wseg)
+        logger.info("stages ready: %s", self.memory)
+
+    # -- the step -----------------------------------------------------------------------------
+
+    def prepare(self, scheduled) -> DisaggBatch:
+        return DisaggBatch([ModelRunner.prepare(self, g) for g in split_micro_batches(scheduled, self.micro_batches)])
+
+    @torch.inference_mode()
+    def execute(self, batch) -> torch.Tensor:
+        parts = batch.parts if isinstance(batch, DisaggBatch) else [batch]
+        if self.inline:
+            return torch.cat([run_ops(self.ops, p)["logits"] for p in parts]) if len(parts) > 1 \
+                else run_ops(self.ops, parts[0])["logits"]
+        if self.failed:
+            raise StageFailure(self.failed)
+        self.step_id += 1
+        deadline = time.monotonic() + self.spec.timeout_s
+        try:
+            visits = len(self.graph.visits)
+            for i, p in enumerate(parts):
+                header, tensors = encode_batch(p)
+                header.update(kind="step", step=self.step_id, mb=i, n=len(parts))
+                nb = metadata_bytes(p)
+                self.counters["meta_bytes"] += nb * len(self.spec.stages)
+                self.counters["meta_bytes_uncached"] += nb * visits  # what every visit would carry
+                for s in self.spec.stages:
+                    self.ctrl[s.name].send(header, tensors, lambda: self._poll(deadline, "step"))
+            logits = []
+            for _ in parts:
+                _, ts = self._recv(self.out_stage, deadline, f"step {self.step_id}")
+                logits.append(ts[0].clone())  # leave the slot to the next step
+                self.to_driver[self.out_stage].release()
+            self.counters["steps"] += 1
+            self.counters["logits_bytes"] += sum(x.numel() * 4 for x in logits)
+            return logits[0] if len(logits) == 1 else torch.cat(logits)
+        except StageFailure as e:
+            self.failed = str(e)
+            self._kill()
+            raise
+
+    def _recv(self, stage: str, deadline: float, what: str):
+        return self.to_driver[stage].recv(lambda: self._poll(deadline, what))
+
+    def _poll(self, deadline: float, what: str) -> None:
+        """Called while waiting: a dead, failed or silent stage ends the wait with a clear error."""
+        for s, p in zip(self.spec.stages, self.procs):
+            st = Status(self.status, s.index)
+            if int(st.words[S_STATE]) == FAILED:
+                raise StageFailure(f"{what}: {Status.error(self.status, s.index)}")
+            if p.exitcode is not None:
+                raise StageFailure(f"{what}: stage {s.name!r} (pid {p.pid}) died with exit code {p.exitcode}")
+        if time.monotonic() > deadline:
+            late = []
+            for s in self.spec.stages:
+                w = Status(self.status, s.index).words
+                late.append(f"{s.name!r} (pid {int(w[S_PID])}, step {int(w[S_STEP])}, unit {int(w[S_UNIT])}, "
+                            f"{'ready' if int(w[S_STATE]) == READY else 'state ' + str(int(w[S_STATE]))})")
+            raise StageFailure(f"{what}: no answer within timeout_s={self.spec.timeout_s:g} s; "
+                               f"stage {late[0] if len(late) == 1 else 'progress: ' + ', '.join(late)} "
+                               f"- a stage is hung")
+
+    # -- reports and shutdown -----------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Bytes per step with and without metadata caching, per-stage traffic and memory."""
+        out = {"counters": dict(self.counters), "memory": self.memory, "stages": {}}
+        if not self.inline and not self.failed:
+            deadline = time.monotonic() + self.spec.timeout_s
+            for s in self.spec.stages:
+                self.ctrl[s.name].send({"kind": "stats"}, [], lambda: self._poll(deadline, "stats"))
+                h, _ = self._recv(s.name, deadline, "stats")
+                self.to_driver[s.name].release()
+                out["stages"][s.name] = h
+        steps = max(self.counters["steps"], 1)
+        act = sum(sum(v for k, v in h["bytes_sent"].items() if k != DRIVER) for h in out["stages"].values())
+        logits = self.counters["logits_bytes"]
+        out["per_step"] = {
+            "activation_bytes": act / steps, "logits_bytes": logits / steps,
+            "metadata_bytes_cached": self.counters["meta_bytes"] / steps,
+            "metadata_bytes_uncached": self.counters["meta_bytes_uncached"] / steps,
+            "total_bytes_cached": (act + logits + self.counters["meta_bytes"]) / steps,
+            "total_bytes_uncached": (act + logits + self.counters["meta_bytes_uncached"]) / steps}
+        return out
+
+    def worker_pids(self) -> dict[str, int]:
+        return {s.name: p.pid for s, p in zip(self.spec.stages, self.procs)}
+
+    def shm_names(self) -> list[str]:
+        return [r.name for r in self.rings] + [s.name for s in self.segments]
+
+    def _kill(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+        for p in self.procs:
+            p.join(5)
+
+    def shutdown(self) -> None:
+        """Stop every worker (politely, then by force) and remove every shared-memory segment."""
+        if self.procs and not self.failed and not self.inline:
+            try:
+                deadline = time.monotonic() + 2
+                for s in self.spec.stages:
+                    self.ctrl[s.name].send({"kind": "stop"}, [], lambda: self._poll(deadline, "shutdown"))
+            except Exception:  # noqa: BLE001 - a broken stage is killed below anyway
+                pass
+            for p in self.procs:
+                p.join(2)
+        self._finalizer()
+        if self.spec.transport == "dist" and not self.inline:
+            from opdisagg_rt.disagg.transport.dist import destroy_dist
+            destroy_dist()
+
+    @staticmethod
+    def _cleanup(procs: list, rings: list, segments: list) -> None:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
+            p.join(5)
+        procs.clear()
+        for r in rings:
+            r.unlink()
+            r.close()
+            r.full = r.free = None  # the last reference to a semaphore unlinks its /dev/shm/sem.* file
+        rings.clear()
+        for s in segments:
+            s.unlink()
+            s.close()
+        segments.clear()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,25 @@
+"""Wiring: which endpoint each process uses for each peer, for the shm and dist transports.
+
+Channels: engine -> stage (`ctrl`: step metadata and commands), stage -> engine (`to_driver`:
+logits and replies), and one per (src, dst) pair of stages that the stage graph says exchange
+activations.
+"""
+from __future__ import annotations
+
+from opdisagg_rt.disagg.graph import DRIVER
+
+
+def open_worker_endpoints(cfg: dict, endpoints: dict):
+    """-> ctrl, to_driver, inputs {src: ep}, outputs {dst: ep}, contains(ep, tensor) or None."""
+    if endpoints["kind"] == "shm":
+        from opdisagg_rt.disagg.transport.shm import ShmRing
+        ctrl = ShmRing.open(endpoints["ctrl"], create=False)
+        to_driver = ShmRing.open(endpoints["to_driver"], create=False)
+        inputs = {src: ShmRing.open(r, create=False) for src, r in endpoints["inputs"].items()}
+        outputs = {dst: ShmRing.open(r, create=False) for dst, r in endpoints["outputs"].items()}
+        return ctrl, to_driver, inputs, outputs, lambda ep, t: ep.seg.contains(t)
+    from opdisagg_rt.disagg.transport.dist import DistEndpoint, init_dist
+    init_dist(endpoints["rank"], endpoints["world"], cfg["device"])
+    ranks = endpoints["ranks"]
+    ep = {name: DistEndpoint(r, cfg["device"]) for name, r in ranks.items() if name != cfg["stage"]}
+    return ep[DRIVER], ep[DRIVER], ep, ep, None

@@ -1,0 +1,172 @@
+"""A stage worker: a spawned process that builds only its own operations (weights and KV caches)
+and runs a persistent loop: wait for a step's metadata, then run its visits for every
+micro-batch, receiving activations from and sending them to the other stages.
+
+Units run visit-major (visit v of micro-batch 0, then of micro-batch 1, ...), so while this
+stage works on one micro-batch the next stage works on the other: the ping-pong of
+disaggregated pipelines, within a step, falls out of the order alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+from opdisagg_rt.config import ModelConfig
+from opdisagg_rt.disagg.graph import DRIVER, OpSig, StageGraph, build_graph
+from opdisagg_rt.disagg.meta import decode_batch
+from opdisagg_rt.disagg.transport.shm import ShmSegment
+from opdisagg_rt.disagg.weights import build_ops_partial, import_weights, index_shapes, op_weight_names
+from opdisagg_rt.layers.attention import AttentionOp
+from opdisagg_rt.layers.base import Op
+from opdisagg_rt.models.loader import LoadedModel
+
+# Status block per stage in the engine's status segment (int64 words, then an error text).
+STATUS_BYTES = 4096
+S_STATE, S_PID, S_STEP, S_UNIT, S_BEAT = range(5)
+STARTING, READY, FAILED, STOPPED = 0, 1, 2, 3
+ERR_OFF = 64
+
+
+class Status:
+    """This stage's progress words, readable by the engine to tell a hung stage from a slow one."""
+
+    def __init__(self, seg: ShmSegment, index: int):
+        self.base = index * STATUS_BYTES
+        self.words = seg.buf[self.base:self.base + ERR_OFF].view(torch.int64)
+        self.seg = seg
+
+    def set(self, slot: int, value: int) -> None:
+        self.words[slot] = value
+
+    def fail(self, message: str) -> None:
+        raw = message.encode()[:STATUS_BYTES - ERR_OFF - 1]
+        self.seg.mm[self.base + ERR_OFF:self.base + ERR_OFF + len(raw) + 1] = raw + b"\0"
+        self.words[S_STATE] = FAILED
+
+    @staticmethod
+    def error(seg: ShmSegment, index: int) -> str:
+        base = index * STATUS_BYTES + ERR_OFF
+        return bytes(seg.mm[base:base + STATUS_BYTES - ERR_OFF]).split(b"\0", 1)[0].decode(errors="replace")
+
+
+class StageProgram:
+    """The visits of one stage and how to run them for one step."""
+
+    def __init__(self, name: str, ops: list[Op], graph: StageGraph):
+        self.name = name
+        by_name = {op.name: op for op in ops}
+        self.visits = [(v, [by_name[n] for n in v.ops]) for v in graph.visits_of(name)]
+        self.bytes_sent: dict[str, int] = {}
+        self.recv_total = self.recv_inplace = 0
+        self.busy_s = 0.0
+
+    def run(self, batches, inputs, outputs, poll, status: Status | None = None, contains=None) -> None:
+        """inputs/outputs: endpoints by peer stage name (DRIVER for the logits)."""
+        tensors = [dict() for _ in batches]
+        unit = 0
+        for v, ops in self.visits:
+            for mb, batch in enumerate(batches):
+                t = tensors[mb]
+                got = []
+                for msg in v.recv:
+                    ep = inputs[msg.src]
+                    _, ts = ep.recv(poll)
+                    got.append(ep)
+                    for n, x in zip(msg.names, ts):
+                        t[n] = x
+                        self.recv_total += 1
+                        self.recv_inplace += bool(contains and contains(ep, x))
+                start = time.perf_counter()
+                for op in ops:
+                    op.forward(t, batch)
+                for n in v.keep:  # needed by a later visit here: the slot is about to be reused
+                    t[n] = t[n].clone()
+                self.busy_s += time.perf_counter() - start
+                for msg in v.send:
+                    n = outputs[msg.dst].send({"v": v.index, "mb": mb}, [t[x] for x in msg.names], poll)
+                    self.bytes_sent[msg.dst] = self.bytes_sent.get(msg.dst, 0) + n
+                for ep in got:
+                    ep.release()
+                unit += 1
+                if status is not None:
+                    status.set(S_UNIT, unit)
+
+
+def build_stage(cfg: dict) -> tuple[list[Op], StageProgram, dict]:
+    mc = ModelConfig(**cfg["model_config"])
+    meta = LoadedModel(mc, index_shapes(cfg["weights"]), None, "", cfg["source"])  # shapes only  # type: ignore[arg-type]
+    names = list(cfg["weights"]["index"])
+    mine = cfg["ops"]
+    wanted = sorted({w for op in mine for w in op_weight_names(op, names)})
+    dtype = getattr(torch, cfg["dtype"])
+    ops = build_ops_partial(meta, dtype, cfg["max_positions"], import_weights(cfg["weights"], wanted), set(mine))
+    kv_bytes = 0
+    for op in ops:
+        if isinstance(op, AttentionOp):
+            shape = (cfg["num_blocks"], cfg["block_size"], op.num_kv_heads, op.head_dim)
+            op.bind_cache(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+            kv_bytes += 2 * op.k_cache.numel() * op.k_cache.element_size()
+    sigs = [OpSig(n, tuple(r), tuple(w)) for n, r, w in cfg["sigs"]]
+    graph = build_graph(sigs, cfg["owner"])
+    memory = {"weights_bytes": sum(op.nbytes() for op in ops), "kv_cache_bytes": kv_bytes,
+              "num_ops": len(ops), "attn_layers": sum(isinstance(op, AttentionOp) for op in ops)}
+    return ops, StageProgram(cfg["stage"], ops, graph), memory
+
+
+def worker_main(cfg_json: str, endpoints: dict) -> None:
+    """Process entry point. cfg_json: everything JSON-able; endpoints: transport handles
+    (ring names + semaphores, or torch.distributed ranks) created by the engine."""
+    cfg = json.loads(cfg_json)
+    torch.set_num_threads(cfg["threads"])
+    ppid = os.getppid()
+    status_seg = ShmSegment(cfg["status"], cfg["status_size"], create=False)
+    status = Status(status_seg, cfg["index"])
+    status.set(S_PID, os.getpid())
+
+    def poll() -> None:  # runs while a wait times out: leave when the engine is gone
+        if os.getppid() != ppid:
+            os._exit(0)
+        status.set(S_BEAT, status.words[S_BEAT] + 1)
+
+    try:
+        from opdisagg_rt.disagg.transport.endpoints import open_worker_endpoints
+        ctrl, to_driver, inputs, outputs, contains = open_worker_endpoints(cfg, endpoints)
+        outputs[DRIVER] = to_driver
+        ops, program, memory = build_stage(cfg)
+        to_driver.send({"kind": "ready", "memory": memory, "pid": os.getpid()}, [], poll)
+        status.set(S_STATE, READY)
+        with torch.inference_mode():
+            while True:
+                header, ts = ctrl.recv(poll)
+                kind = header["kind"]
+                if kind == "stop":
+                    ctrl.release()
+                    break
+                if kind == "stats":
+                    ctrl.release()
+                    to_driver.send({"kind": "stats", "bytes_sent": program.bytes_sent, "busy_s": program.busy_s,
+                                    "recv_total": program.recv_total, "recv_inplace": program.recv_inplace,
+                                    "memory": memory}, [], poll)
+                    continue
+                # a step: header + tensors of micro-batch 0, then the other micro-batches' metadata
+                n = header["n"]
+                batches = [decode_batch(header, ts)]
+                for _ in range(n - 1):
+                    h, t2 = ctrl.recv(poll)
+                    batches.append(decode_batch(h, t2))
+                status.set(S_STEP, header["step"])
+                status.set(S_UNIT, 0)
+                program.run(batches, inputs, outputs, poll, status, contains)
+                for _ in range(n):
+                    ctrl.release()
+        status.set(S_STATE, STOPPED)
+    except BaseException as e:  # tell the engine why, then die: the step cannot complete anyway
+        status.fail(f"stage {cfg['stage']!r} (pid {os.getpid()}): {type(e).__name__}: {e}\n"
+                    + "".join(traceback.format_exc(limit=6)))
+        sys.stderr.flush()
+        os._exit(1)
