@@ -106,8 +106,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--compare", action="append", default=[], choices=["hf", "no-store"],
+    ap.add_argument("--compare", action="append", default=[], choices=["hf", "no-store", "colocated"],
                     help="peer to run in the same process (no-store: the kv-store workloads without a store)")
+    ap.add_argument("--stage-spec", default=None, help="disagg: run the engine on the stages of this spec (YAML/JSON); "
+                    "--compare colocated adds the one-process engine as peers.colocated")
     ap.add_argument("--profile", action="store_true", help="also time each operation of one decode step")
     ap.add_argument("--json", dest="json_path", help="write results as JSON here")
     ap.add_argument("--plot", help="write a PNG chart here")
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     loaded = load_model(args.model)
     prompts = random_prompts(args.num_requests, args.input_len, loaded.config.vocab_size)
     engine = Engine(loaded, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                    max_num_batched_tokens=args.max_num_batched_tokens)
+                    max_num_batched_tokens=args.max_num_batched_tokens, stage_spec=args.stage_spec)
     result = {"workload": {"num_requests": args.num_requests, "input_len": args.input_len,
                            "output_len": args.output_len, "dtype": args.dtype, "model": loaded.source,
                            "threads": torch.get_num_threads()},
@@ -144,6 +146,22 @@ def main(argv: list[str] | None = None) -> dict:
     if args.profile:
         result["decode_step_profile_ms"] = profile_decode_step(
             engine, args.num_requests, args.input_len + args.output_len // 2)
+    if args.stage_spec:  # --- disagg (issue 6) ---
+        result["workload"]["stage_spec"] = args.stage_spec
+        st = engine.runner.stats(trace=bool(args.plot))
+        if args.plot:
+            from opdisagg_rt.disagg.plots import plot_timeline
+            plot_timeline(st, args.plot.removesuffix(".png") + "_timeline.png")
+        result["disagg"] = {k: v for k, v in st.items() if k in ("per_step", "memory")}
+        result["disagg"]["busy_s"] = {k: v["busy_s"] for k, v in st["stages"].items()}
+        engine.shutdown()
+        if "colocated" in args.compare:
+            colo = Engine(loaded, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens)
+            result["peers"]["colocated"] = run_engine(colo, prompts, args.output_len)
+            result["ratio_vs_colocated"] = (result["engine"]["throughput_tok_s"]
+                                            / result["peers"]["colocated"]["throughput_tok_s"])
+            del colo  # --- end disagg ---
     del engine
     if "hf" in args.compare:
         result["peers"]["hf"] = run_hf(loaded, prompts, args.output_len, getattr(torch, args.dtype))
@@ -182,6 +200,10 @@ def print_table(result: dict) -> None:
         print(f"{name:<14}" + "".join(f"{v:>10.1f}" if i else f"{v:>11.1f}" for i, v in enumerate(vals)))
     if "ratio_vs_hf" in result:
         print(f"engine / HF throughput: {result['ratio_vs_hf']:.2f}x")
+    if "ratio_vs_colocated" in result:
+        print(f"disaggregated / colocated throughput: {result['ratio_vs_colocated']:.2f}x")
+    if "disagg" in result:
+        print("bytes per step:", {k: round(v) for k, v in result["disagg"]["per_step"].items()})
     if "decode_step_profile_ms" in result:
         prof = result["decode_step_profile_ms"]
         total = sum(prof.values())

@@ -1,12 +1,14 @@
 """Measure this CPU and fit the efficiency profile the cost model uses for device "cpu".
 
 1. copy bandwidth vs working set (hot: activations) and from DRAM (cold: weights, KV, state);
-2. GEMM rate on a grid of M (tokens) x weight size, weights cold (cycled through a pool larger
-   than the last-level cache), per dtype;
+2. an isolated GEMM sweep per dtype, weights cold (cycled through a pool larger than the L3):
+   kept as measured, and the source of the bf16/fp32 ratios;
 3. whole forward passes of calibration models (shapes unlike the validation models) with the
-   reference ops; per kind (norm, embed, attention, linear attention, MoE) a curve
-   t = overhead + max(F / (R * F / (F + F_half)), cold_bytes / bw_cold + act_bytes / (a * hot_bw))
-   is fitted by grid search on the absolute log error, plus a per-call GEMM overhead.
+   reference ops, swept twice. Fitted on them by grid search on the mean absolute log error:
+   GEMMs  t = o + max(2MKN / (R M / (M + M_half)), bytes / bw)   (rate grows with the rows M),
+   kinds  t = o + max(F / (R F / (F + F_half)), cold_bytes / bw + act_bytes / (a hot_bw))
+   for norm, embed, attention and linear attention (prefill and decode apart), and MoE's
+   routing overhead (fixed + per touched expert).
 """
 from __future__ import annotations
 

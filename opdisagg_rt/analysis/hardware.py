@@ -194,5 +194,5 @@ def cpu_device(profile_path: str | Path, link: Link | None = None) -> Device:
     prof = CpuProfile(d["gemm"], d["curves"], d["hot"], d["dram_gbps"], d["gemm_fit"], d.get("meta", {}))
     peak = prof.gemm_fit["gflops_max"] / 1e3
     mem_gb = d.get("meta", {}).get("mem_gb", 16.0)
-    return Device("cpu", {"bf16": peak, "fp32": peak}, mem_gb, prof.dram_gbps / 1e3, None,
+    return Device("cpu", {"bf16": peak, "fp32": peak * prof.dtype_ratio("fp32")[0]}, mem_gb, prof.dram_gbps / 1e3, None,
                   {"scale_up": link or Link("shm", 5, 30)}, profile=prof)

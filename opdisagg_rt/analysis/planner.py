@@ -16,9 +16,11 @@ import dataclasses
 import itertools
 from dataclasses import dataclass
 
-from opdisagg_rt.analysis.hardware import Device, Link, load_hardware
+import yaml
+
+from opdisagg_rt.analysis.hardware import HW_FILE, Device, Link, load_hardware
 from opdisagg_rt.analysis.models import ModelSpec, load_model
-from opdisagg_rt.analysis.ops import OpCost, model_ops
+from opdisagg_rt.analysis.ops import OpCost, _attn_out_dim, model_ops
 from opdisagg_rt.analysis.stagespec import check_stage_spec
 from opdisagg_rt.analysis.workload import Workload
 
@@ -91,7 +93,6 @@ def _op_time(ctx: Ctx, m: int, name: str, dev: str, n: int) -> tuple[float, str]
 
 
 def _tensor_bytes(ctx: Ctx, m: int, l) -> dict[str, float]:
-    from opdisagg_rt.analysis.ops import _attn_out_dim
     T, b, h = ctx.w.tokens / m, DTYPE_BYTES[ctx.dtype], ctx.model.hidden_size
     i = ctx.classes[(l.attn, l.moe)][0]
     qkv = ctx.ops[m][f"layers.{i}.qkv_proj"].act_bytes / b - T * h  # the projection's output width x T
@@ -282,8 +283,6 @@ def plan(model: str | ModelSpec, w: Workload, pool: str | dict, objective: str =
     lk = None
     if link:
         links = {l.name: l for dv in devs.values() for l in dv.links.values()}
-        import yaml
-        from opdisagg_rt.analysis.hardware import HW_FILE
         for k, v in yaml.safe_load(HW_FILE.read_text())["links"].items():
             links.setdefault(k, Link(k, float(v["gbps"]), float(v["latency_us"])))
         if link not in links:

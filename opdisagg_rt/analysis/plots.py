@@ -69,6 +69,7 @@ def intensity_plot(out: str, models: list[str], workloads: list[Workload], ridge
     fig, axes = plt.subplots(1, len(workloads), figsize=(6.5 * len(workloads), 5.5), sharey=True)
     axes = list(axes) if len(workloads) > 1 else [axes]
     markers = "osD^v<>"
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, w in zip(axes, workloads):
         labels: list[str] = []
         for k, name in enumerate(models):
@@ -79,7 +80,8 @@ def intensity_plot(out: str, models: list[str], workloads: list[Workload], ridge
                     continue
                 if g not in labels:
                     labels.append(g)
-                ax.scatter(labels.index(g), F / B, marker=markers[k % len(markers)], s=30, label=name if g == list(groups)[1] else None)
+                ax.scatter(labels.index(g), F / B, marker=markers[k % len(markers)], color=colors[k % len(colors)], s=30,
+                           label=name if g == list(groups)[1] else None)
         for d, ls in zip(ridges_of, ("--", ":")):
             r = get_device(d).ridge
             ax.axhline(r, ls=ls, color="k", lw=1)

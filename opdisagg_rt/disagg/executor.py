@@ -22,6 +22,7 @@ import torch.multiprocessing as tmp
 from opdisagg_rt.disagg.graph import DRIVER, OpSig, build_graph
 from opdisagg_rt.disagg.meta import DisaggBatch, encode_batch, metadata_bytes, split_micro_batches
 from opdisagg_rt.disagg.spec import StageSpec, parse_stage_spec
+from opdisagg_rt.disagg.transport import PeerGone
 from opdisagg_rt.disagg.transport.shm import ShmRing, ShmSegment, new_name
 from opdisagg_rt.disagg.weights import dumps, export_weights, meta_ops
 from opdisagg_rt.disagg.worker import (FAILED, READY, S_PID, S_STATE, S_STEP, S_UNIT, STATUS_BYTES, Status,
@@ -108,8 +109,10 @@ class DisaggRunner(ModelRunner):
         if spec.transport == "dist":
             world = len(spec.stages) + 1
             ranks = {DRIVER: 0, **{s.name: s.index + 1 for s in spec.stages}}
+            # env:// rendezvous: a launcher's MASTER_ADDR/PORT win; otherwise this host, a fresh port
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            if "MASTER_PORT" not in os.environ or os.environ.get("_OPDISAGG_OWN_PORT"):
+                os.environ["MASTER_PORT"] = os.environ["_OPDISAGG_OWN_PORT"] = str(_free_port())
             eps = {s.name: {"kind": "dist", "rank": s.index + 1, "world": world, "ranks": ranks} for s in spec.stages}
         else:
             eps = {s.name: {"kind": "shm", "inputs": {}, "outputs": {}} for s in spec.stages}
@@ -173,29 +176,35 @@ class DisaggRunner(ModelRunner):
         if self.failed:
             raise StageFailure(self.failed)
         self.step_id += 1
-        deadline = time.monotonic() + self.spec.timeout_s
         try:
-            visits = len(self.graph.visits)
-            for i, p in enumerate(parts):
-                header, tensors = encode_batch(p)
-                header.update(kind="step", step=self.step_id, mb=i, n=len(parts))
-                nb = metadata_bytes(p)
-                self.counters["meta_bytes"] += nb * len(self.spec.stages)
-                self.counters["meta_bytes_uncached"] += nb * visits  # what every visit would carry
-                for s in self.spec.stages:
-                    self.ctrl[s.name].send(header, tensors, lambda: self._poll(deadline, "step"))
-            logits = []
-            for _ in parts:
-                _, ts = self._recv(self.out_stage, deadline, f"step {self.step_id}")
-                logits.append(ts[0].clone())  # leave the slot to the next step
-                self.to_driver[self.out_stage].release()
-            self.counters["steps"] += 1
-            self.counters["logits_bytes"] += sum(x.numel() * 4 for x in logits)
-            return logits[0] if len(logits) == 1 else torch.cat(logits)
-        except StageFailure as e:
-            self.failed = str(e)
-            self._kill()
-            raise
+            return self._step(parts)
+        except (StageFailure, PeerGone) as e:
+            failure = str(e)
+        # Raised outside the except block: the original traceback (whose frames hold transport
+        # objects and semaphores) is dropped, so shutdown can really free every segment.
+        self.failed = failure
+        self._kill()
+        raise StageFailure(failure)
+
+    def _step(self, parts) -> torch.Tensor:
+        deadline = time.monotonic() + self.spec.timeout_s
+        visits = len(self.graph.visits)
+        for i, p in enumerate(parts):
+            header, tensors = encode_batch(p)
+            header.update(kind="step", step=self.step_id, mb=i, n=len(parts))
+            nb = metadata_bytes(p)
+            self.counters["meta_bytes"] += nb * len(self.spec.stages)
+            self.counters["meta_bytes_uncached"] += nb * visits  # what every visit would carry
+            for s in self.spec.stages:
+                self.ctrl[s.name].send(header, tensors, lambda: self._poll(deadline, "step"))
+        logits = []
+        for _ in parts:
+            _, ts = self._recv(self.out_stage, deadline, f"step {self.step_id}")
+            logits.append(ts[0].clone())  # leave the slot to the next step
+            self.to_driver[self.out_stage].release()
+        self.counters["steps"] += 1
+        self.counters["logits_bytes"] += sum(x.numel() * 4 for x in logits)
+        return logits[0] if len(logits) == 1 else torch.cat(logits)
 
     def _recv(self, stage: str, deadline: float, what: str):
         return self.to_driver[stage].recv(lambda: self._poll(deadline, what))
@@ -220,14 +229,17 @@ class DisaggRunner(ModelRunner):
 
     # -- reports and shutdown -----------------------------------------------------------------
 
-    def stats(self) -> dict:
-        """Bytes per step with and without metadata caching, per-stage traffic and memory."""
+    def stats(self, trace: bool = False) -> dict:
+        """Bytes per step with and without metadata caching, per-stage traffic and memory;
+        trace: each stage's last units as [start, end, micro-batch, visit] (perf_counter s)."""
         out = {"counters": dict(self.counters), "memory": self.memory, "stages": {}}
         if not self.inline and not self.failed:
             deadline = time.monotonic() + self.spec.timeout_s
             for s in self.spec.stages:
-                self.ctrl[s.name].send({"kind": "stats"}, [], lambda: self._poll(deadline, "stats"))
-                h, _ = self._recv(s.name, deadline, "stats")
+                self.ctrl[s.name].send({"kind": "stats", "trace": trace}, [], lambda: self._poll(deadline, "stats"))
+                h, ts = self._recv(s.name, deadline, "stats")
+                if trace:
+                    h["trace"] = ts[0].tolist()
                 self.to_driver[s.name].release()
                 out["stages"][s.name] = h
         steps = max(self.counters["steps"], 1)

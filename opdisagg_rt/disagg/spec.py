@@ -10,6 +10,7 @@ against a model's operation names, plus the runtime-only checks (devices, transp
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 from opdisagg_rt.analysis.stagespec import StageSpecError, check_stage_spec, load_stage_spec
 
+logger = logging.getLogger(__name__)
 __all__ = ["StageSpecError", "Stage", "StageSpec", "parse_stage_spec", "parse_device"]
 
 TRANSPORTS = ("shm", "dist")
@@ -24,9 +26,23 @@ TRANSPORTS = ("shm", "dist")
 _DEVICE = re.compile(r"^(?:(?P<host>[A-Za-z0-9_.\-]+):)??(?P<dev>cpu|cuda(?::\d+)?)$")
 
 
+def _catalog() -> set[str]:
+    try:
+        from opdisagg_rt.analysis.hardware import load_hardware
+        return set(load_hardware())
+    except Exception:  # noqa: BLE001 - the catalog is optional here
+        return set()
+
+
 def parse_device(device: str) -> tuple[str | None, str]:
-    """`cpu`, `cuda:1`, `node7:cuda:0` -> (host or None, torch device string)."""
+    """`cpu`, `cuda:1`, `node7:cuda:0` -> (host or None, torch device string). A device type of the
+    cost model's catalog (`h20`, as the planner writes) runs on cuda:0 if present, else the CPU."""
     m = _DEVICE.match(device) if isinstance(device, str) else None
+    if m is None and isinstance(device, str) and device in _catalog():
+        import torch
+        local = "cuda:0" if torch.cuda.is_available() else "cpu"
+        logger.warning("device %r is a cost-model device type: running its stage on %s", device, local)
+        return None, local
     if m is None:
         raise StageSpecError(f"unknown device {device!r}: the runtime places stages on cpu, cuda, cuda:N "
                              f"or host:<one of these>")

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import traceback
+from collections import deque
 
 import torch
 
@@ -64,6 +65,7 @@ class StageProgram:
         self.bytes_sent: dict[str, int] = {}
         self.recv_total = self.recv_inplace = 0
         self.busy_s = 0.0
+        self.trace: deque[tuple[float, float, int, int]] = deque(maxlen=1500)  # (start, end, mb, visit)
 
     def run(self, batches, inputs, outputs, poll, status: Status | None = None, contains=None) -> None:
         """inputs/outputs: endpoints by peer stage name (DRIVER for the logits)."""
@@ -86,7 +88,9 @@ class StageProgram:
                     op.forward(t, batch)
                 for n in v.keep:  # needed by a later visit here: the slot is about to be reused
                     t[n] = t[n].clone()
-                self.busy_s += time.perf_counter() - start
+                end = time.perf_counter()
+                self.busy_s += end - start
+                self.trace.append((start, end, mb, v.index))  # perf_counter is CLOCK_MONOTONIC: one clock for all
                 for msg in v.send:
                     n = outputs[msg.dst].send({"v": v.index, "mb": mb}, [t[x] for x in msg.names], poll)
                     self.bytes_sent[msg.dst] = self.bytes_sent.get(msg.dst, 0) + n
@@ -149,9 +153,10 @@ def worker_main(cfg_json: str, endpoints: dict) -> None:
                     break
                 if kind == "stats":
                     ctrl.release()
+                    trace = torch.tensor(list(program.trace) if header.get("trace") else [], dtype=torch.float64)
                     to_driver.send({"kind": "stats", "bytes_sent": program.bytes_sent, "busy_s": program.busy_s,
                                     "recv_total": program.recv_total, "recv_inplace": program.recv_inplace,
-                                    "memory": memory}, [], poll)
+                                    "memory": memory}, [trace], poll)
                     continue
                 # a step: header + tensors of micro-batch 0, then the other micro-batches' metadata
                 n = header["n"]

@@ -27,6 +27,16 @@ def test_llama70b_decode_b256_splits_attention_to_h20():
     check_stage_spec(best["spec"], load_model("llama-3-70b").op_names())
 
 
+def test_split_wins_clearly_at_larger_batch():
+    # at batch 256 / context 2048 the split wins by <1% per dollar with the default prices; at
+    # batch 512 the H100 side is compute-bound per micro-batch and the margin is large
+    plans = plan("llama-3-70b", Workload("decode", 512, [(1024, 1)]), "h100_sxm:8,h20:8", top=50)["plans"]
+    best = plans[0]
+    assert _devices_of(best, "attn") == {"h20"} and _devices_of(best, "mlp") == {"h100_sxm"}
+    homo = min(p["usd_per_mtok"] for p in plans if p["kind"] == "homogeneous")
+    assert best["usd_per_mtok"] < 0.9 * homo
+
+
 def test_llama70b_decode_b1_stays_on_one_device_type():
     res = plan("llama-3-70b", Workload("decode", 1, [(2048, 1)]), POOL)
     best = res["plans"][0]

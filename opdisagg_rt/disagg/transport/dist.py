@@ -7,13 +7,14 @@ A message is two sends: its size, then one flat uint8 buffer in the same layout 
 """
 from __future__ import annotations
 
-import time
+import threading
 from datetime import timedelta
 from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
+from opdisagg_rt.disagg.transport import PeerGone
 from opdisagg_rt.disagg.transport.shm import message_size, read_message, write_message
 
 Poll = Callable[[], None]
@@ -34,18 +35,31 @@ def destroy_dist() -> None:
 class DistEndpoint:
     """Both directions between this rank and `peer` (FIFO per direction)."""
 
-    def __init__(self, peer: int, device: str = "cpu"):
-        self.peer, self.device = peer, device
+    def __init__(self, peer: int, device: str = "cpu", blocking: bool = False):
+        self.peer, self.device, self.blocking = peer, device, blocking
         self.bytes_sent = self.messages_sent = 0
 
     def _wait(self, work, poll: Poll | None) -> None:
-        if poll is None:
-            work.wait()
+        if poll is None or self.blocking:
+            work.wait()  # a stage worker: if the engine goes away, gloo raises "connection closed"
             return
-        while not work.is_completed():  # the engine polls so a dead stage cannot block it
+        # The engine must keep polling for dead or hung stages, but gloo's point-to-point work
+        # neither reports completion before wait() nor survives a timed-out wait(): wait in a
+        # helper thread and poll here. A stage killed on failure makes that wait raise and end.
+        done, err = threading.Event(), []
+
+        def run() -> None:
+            try:
+                work.wait()
+            except Exception as e:  # noqa: BLE001
+                err.append(e)
+            finally:
+                done.set()
+        threading.Thread(target=run, daemon=True).start()
+        while not done.wait(0.05):
             poll()
-            time.sleep(0.0002)
-        work.wait()
+        if err:
+            raise PeerGone(f"rank {self.peer}: {err[0]}")
 
     def send(self, header: dict, tensors: Sequence[torch.Tensor], poll: Poll | None = None) -> int:
         buf = torch.empty(message_size(header, tensors), dtype=torch.uint8)

@@ -21,5 +21,5 @@ def open_worker_endpoints(cfg: dict, endpoints: dict):
     from opdisagg_rt.disagg.transport.dist import DistEndpoint, init_dist
     init_dist(endpoints["rank"], endpoints["world"], cfg["device"])
     ranks = endpoints["ranks"]
-    ep = {name: DistEndpoint(r, cfg["device"]) for name, r in ranks.items() if name != cfg["stage"]}
+    ep = {name: DistEndpoint(r, cfg["device"], blocking=True) for name, r in ranks.items() if name != cfg["stage"]}
     return ep[DRIVER], ep[DRIVER], ep, ep, None
