@@ -63,6 +63,8 @@ pkgs, package_dir = packages()
 setup(
     packages=pkgs,
     package_dir=package_dir,
+    # Data the analysis framework reads at run time (device specs, the measured CPU profile).
+    package_data={"opdisagg_rt.analysis": ["*.yaml", "data/*.json"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
     zip_safe=False,
