@@ -33,7 +33,7 @@ def test_spec_from_yaml_json_and_dict(tmp_path):
     ({"a": {"device": "cpu", "ops": ["embed", "layers.*.mlpp"]}}, "'layers.\\*.mlpp' matches no operation"),
     ({"a": {"device": "cpu", "ops": ["*"]}, "b": {"device": "cpu", "ops": ["layers.3.mlp"]}},
      "'layers.3.mlp' is claimed by stages 'a' and 'b'"),
-    ({"a": {"device": "cpu", "ops": ["embed", "layers.*"]}}, "'final_norm' \(and 1 more\) is not assigned"),
+    ({"a": {"device": "cpu", "ops": ["embed", "layers.*"]}}, r"'final_norm' \(and 1 more\) is not assigned"),
     ({"a": {"device": "tpu:0", "ops": ["*"]}}, "unknown device 'tpu:0'"),
     ({"a": {"device": "cuda:3", "ops": ["*"]}}, "needs CUDA"),
 ])
