@@ -70,6 +70,8 @@ class Engine:
             self.kv_connector = make_connector(self, kv_store, kv_store_size, kv_store_chunk_size, kv_store_salt)
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, self.max_model_len,
                                    connector=self.kv_connector)
+        if stage_spec is not None:  # disagg: `streams: true` runs one scheduler per micro-batch stream
+            self.scheduler = self.runner.wrap_scheduler(self.scheduler)
         self.sampler = Sampler(seed)
         self.eos_token_ids = list(self.tokenizer.eos_token_ids or self.model_config.eos_token_ids)
         self._streams: dict[str, RequestStream] = {}

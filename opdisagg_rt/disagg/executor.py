@@ -23,7 +23,7 @@ from opdisagg_rt.disagg.graph import DRIVER, OpSig, build_graph
 from opdisagg_rt.disagg.meta import DisaggBatch, encode_batch, metadata_bytes, split_micro_batches
 from opdisagg_rt.disagg.spec import StageSpec, parse_stage_spec
 from opdisagg_rt.disagg.transport import PeerGone
-from opdisagg_rt.disagg.transport.shm import ShmRing, ShmSegment, new_name
+from opdisagg_rt.disagg.transport.shm import ShmRing, ShmSegment, new_name, sweep_stale
 from opdisagg_rt.disagg.weights import dumps, export_weights, meta_ops
 from opdisagg_rt.disagg.worker import (FAILED, READY, S_PID, S_STATE, S_STEP, S_UNIT, STATUS_BYTES, Status,
                                        worker_main)
@@ -59,14 +59,20 @@ class DisaggRunner(ModelRunner):
         self.attn_ops = [op for op in mops if isinstance(op, AttentionOp)]
         self.spec: StageSpec = parse_stage_spec(stage_spec, [s.name for s in self.sigs])
         self.graph = build_graph(self.sigs, self.spec.owner)
-        self.micro_batches = self.spec.micro_batches
+        # `streams: true`: the micro-batches are independent request streams, each with its own
+        # scheduler and channels, so one stream samples while the other is on the stages.
+        self.num_streams = self.spec.micro_batches if self.spec.raw.get("streams") else 1
+        self.micro_batches = 1 if self.num_streams > 1 else self.spec.micro_batches
         st = self.spec.stages
         self.inline = len(st) == 1 and st[0].host is None and st[0].device == "cpu" and not self.spec.raw.get("processes")
+        if self.inline:
+            self.num_streams, self.micro_batches = 1, self.spec.micro_batches
         self.procs: list = []
         self.rings: list[ShmRing] = []
         self.segments: list[ShmSegment] = []
         self.failed: str | None = None
         self.step_id = 0
+        self.collect_next: int | None = None  # streams: the stream whose logits execute() returns
         self.memory: dict[str, dict] = {}
         self.counters = {"steps": 0, "meta_bytes": 0, "meta_bytes_uncached": 0, "logits_bytes": 0}
         self._finalizer = weakref.finalize(self, DisaggRunner._cleanup, self.procs, self.rings, self.segments)
@@ -98,7 +104,10 @@ class DisaggRunner(ModelRunner):
         ctx = tmp.get_context("spawn")
         spec, graph, m = self.spec, self.graph, self.micro_batches
         rows = row_bytes(self.loaded.config, self.dtype)
-        slots = graph.slots_needed(m)
+        slots = graph.slots_needed(m)  # per stream
+        stale = sweep_stale()
+        if stale:
+            logger.warning("removed %d shared-memory segments of dead engines: %s", len(stale), stale)
         wseg, wdesc = export_weights(self.loaded.weights)
         self.segments.append(wseg)
         status = ShmSegment(new_name("status"), STATUS_BYTES * len(spec.stages), create=True)
@@ -106,6 +115,7 @@ class DisaggRunner(ModelRunner):
         self.status = status
         meta_slot = 8 * (4 * self.max_tokens + 4 * self.max_seqs + 8
                          + self.max_seqs * (self.max_positions // self.block_size + 2)) + 64 * self.max_seqs + 65536
+        S = self.num_streams
         if spec.transport == "dist":
             world = len(spec.stages) + 1
             ranks = {DRIVER: 0, **{s.name: s.index + 1 for s in spec.stages}}
@@ -113,23 +123,29 @@ class DisaggRunner(ModelRunner):
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             if "MASTER_PORT" not in os.environ or os.environ.get("_OPDISAGG_OWN_PORT"):
                 os.environ["MASTER_PORT"] = os.environ["_OPDISAGG_OWN_PORT"] = str(_free_port())
-            eps = {s.name: {"kind": "dist", "rank": s.index + 1, "world": world, "ranks": ranks} for s in spec.stages}
+            eps = {s.name: {"kind": "dist", "rank": s.index + 1, "world": world, "ranks": ranks, "streams": S}
+                   for s in spec.stages}
         else:
-            eps = {s.name: {"kind": "shm", "inputs": {}, "outputs": {}} for s in spec.stages}
-            for (src, dst), n in slots.items():
-                if dst == DRIVER:
-                    continue
-                width = max(sum(rows[x] for x in msg.names) for msg in graph.messages() if (msg.src, msg.dst) == (src, dst))
-                r = ShmRing.spec(n, self.max_tokens * width + 4096, ctx)
-                eps[src]["outputs"][dst] = eps[dst]["inputs"][src] = r
-            for s in spec.stages:
-                out = rows["logits"] * self.max_seqs if any(msg.src == s.name for msg in graph.messages()
-                                                               if msg.dst == DRIVER) else 0
-                eps[s.name]["ctrl"] = ShmRing.spec(m + 1, meta_slot, ctx)
-                eps[s.name]["to_driver"] = ShmRing.spec(m + 1, out + 65536, ctx)
+            # one independent set of channels per stream, so streams never wait on each other's FIFO
+            eps = {s.name: {"kind": "shm", "streams": [{"inputs": {}, "outputs": {}} for _ in range(S)]}
+                   for s in spec.stages}
+            for k in range(S):
+                for (src, dst), n in slots.items():
+                    if dst == DRIVER:
+                        continue
+                    width = max(sum(rows[x] for x in msg.names) for msg in graph.messages()
+                                if (msg.src, msg.dst) == (src, dst))
+                    r = ShmRing.spec(n, self.max_tokens * width + 4096, ctx)
+                    eps[src]["streams"][k]["outputs"][dst] = eps[dst]["streams"][k]["inputs"][src] = r
+                for s in spec.stages:
+                    out = rows["logits"] * self.max_seqs if any(msg.src == s.name for msg in graph.messages()
+                                                                   if msg.dst == DRIVER) else 0
+                    eps[s.name]["streams"][k]["ctrl"] = ShmRing.spec(m + 1, meta_slot, ctx)
+                    eps[s.name]["streams"][k]["to_driver"] = ShmRing.spec(m + 1, out + 65536, ctx)
             for e in eps.values():  # the engine creates (and later unlinks) every segment
-                for r in [e["ctrl"], e["to_driver"], *e["outputs"].values()]:
-                    self.rings.append(ShmRing.open(r, create=True))
+                for st in e["streams"]:
+                    for r in [st["ctrl"], st["to_driver"], *st["outputs"].values()]:
+                        self.rings.append(ShmRing.open(r, create=True))
         base = {"model_config": dataclasses.asdict(self.loaded.config), "source": self.loaded.source,
                 "dtype": str(self.dtype).removeprefix("torch."), "max_positions": self.max_positions,
                 "weights": wdesc, "num_blocks": self.num_blocks, "block_size": self.block_size,
@@ -145,12 +161,15 @@ class DisaggRunner(ModelRunner):
         if spec.transport == "dist":
             from opdisagg_rt.disagg.transport.dist import DistEndpoint, init_dist
             init_dist(0, len(spec.stages) + 1, "cpu")
-            self.ctrl = {s.name: DistEndpoint(s.index + 1, "cpu") for s in spec.stages}
-            self.to_driver = self.ctrl
+            self.ctrls = [{s.name: DistEndpoint(s.index + 1, "cpu", tag=k) for s in spec.stages} for k in range(S)]
+            self.to_drivers = self.ctrls
         else:
             by_name = {r.name: r for r in self.rings}
-            self.ctrl = {s.name: by_name[eps[s.name]["ctrl"]["name"]] for s in spec.stages}
-            self.to_driver = {s.name: by_name[eps[s.name]["to_driver"]["name"]] for s in spec.stages}
+            self.ctrls = [{s.name: by_name[eps[s.name]["streams"][k]["ctrl"]["name"]] for s in spec.stages}
+                          for k in range(S)]
+            self.to_drivers = [{s.name: by_name[eps[s.name]["streams"][k]["to_driver"]["name"]] for s in spec.stages}
+                               for k in range(S)]
+        self.ctrl, self.to_driver = self.ctrls[0], self.to_drivers[0]  # stream 0 also carries commands
         self.out_stage = next(msg.src for msg in graph.messages() if msg.dst == DRIVER)
         deadline = time.monotonic() + max(self.spec.timeout_s, 300)
         for s in spec.stages:
@@ -165,6 +184,8 @@ class DisaggRunner(ModelRunner):
     # -- the step -----------------------------------------------------------------------------
 
     def prepare(self, scheduled) -> DisaggBatch:
+        if self.collect_next is not None:  # streams: this step was prepared and sent already
+            return DisaggBatch([])
         return DisaggBatch([ModelRunner.prepare(self, g) for g in split_micro_batches(scheduled, self.micro_batches)])
 
     @torch.inference_mode()
@@ -173,11 +194,23 @@ class DisaggRunner(ModelRunner):
         if self.inline:
             return torch.cat([run_ops(self.ops, p)["logits"] for p in parts]) if len(parts) > 1 \
                 else run_ops(self.ops, parts[0])["logits"]
+        if self.collect_next is not None:
+            k, self.collect_next = self.collect_next, None
+            return self.collect(k)
+        return self._guard(lambda: self._step(parts, 0))
+
+    def submit(self, stream: int, batch: DisaggBatch) -> None:
+        """Streams: start a step of `stream` and return at once (collect() gets its logits)."""
+        self._guard(lambda: self._send_step(batch.parts, stream))
+
+    def collect(self, stream: int) -> torch.Tensor:
+        return self._guard(lambda: self._collect(1, stream))
+
+    def _guard(self, fn):
         if self.failed:
             raise StageFailure(self.failed)
-        self.step_id += 1
         try:
-            return self._step(parts)
+            return fn()
         except (StageFailure, PeerGone) as e:
             failure = str(e)
         # Raised outside the except block: the original traceback (whose frames hold transport
@@ -186,7 +219,12 @@ class DisaggRunner(ModelRunner):
         self._kill()
         raise StageFailure(failure)
 
-    def _step(self, parts) -> torch.Tensor:
+    def _step(self, parts, stream: int) -> torch.Tensor:
+        self._send_step(parts, stream)
+        return self._collect(len(parts), stream)
+
+    def _send_step(self, parts, stream: int) -> None:
+        self.step_id += 1
         deadline = time.monotonic() + self.spec.timeout_s
         visits = len(self.graph.visits)
         for i, p in enumerate(parts):
@@ -196,15 +234,26 @@ class DisaggRunner(ModelRunner):
             self.counters["meta_bytes"] += nb * len(self.spec.stages)
             self.counters["meta_bytes_uncached"] += nb * visits  # what every visit would carry
             for s in self.spec.stages:
-                self.ctrl[s.name].send(header, tensors, lambda: self._poll(deadline, "step"))
+                self.ctrls[stream][s.name].send(header, tensors, lambda: self._poll(deadline, "step"))
+
+    def _collect(self, n: int, stream: int) -> torch.Tensor:
+        deadline = time.monotonic() + self.spec.timeout_s
         logits = []
-        for _ in parts:
-            _, ts = self._recv(self.out_stage, deadline, f"step {self.step_id}")
+        ep = self.to_drivers[stream][self.out_stage]
+        for _ in range(n):
+            _, ts = ep.recv(lambda: self._poll(deadline, f"step {self.step_id}"))
             logits.append(ts[0].clone())  # leave the slot to the next step
-            self.to_driver[self.out_stage].release()
+            ep.release()
         self.counters["steps"] += 1
         self.counters["logits_bytes"] += sum(x.numel() * 4 for x in logits)
         return logits[0] if len(logits) == 1 else torch.cat(logits)
+
+    def wrap_scheduler(self, scheduler):
+        """The engine's scheduler, or (streams) one scheduler per stream behind the same interface."""
+        if self.num_streams == 1:
+            return scheduler
+        from opdisagg_rt.disagg.streams import StreamScheduler
+        return StreamScheduler(scheduler, self)
 
     def _recv(self, stage: str, deadline: float, what: str):
         return self.to_driver[stage].recv(lambda: self._poll(deadline, what))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 from collections import deque
@@ -67,7 +68,8 @@ class StageProgram:
         self.busy_s = 0.0
         self.trace: deque[tuple[float, float, int, int]] = deque(maxlen=1500)  # (start, end, mb, visit)
 
-    def run(self, batches, inputs, outputs, poll, status: Status | None = None, contains=None) -> None:
+    def run(self, batches, inputs, outputs, poll, status: Status | None = None, contains=None,
+            stream: int = 0) -> None:
         """inputs/outputs: endpoints by peer stage name (DRIVER for the logits)."""
         tensors = [dict() for _ in batches]
         unit = 0
@@ -90,7 +92,7 @@ class StageProgram:
                     t[n] = t[n].clone()
                 end = time.perf_counter()
                 self.busy_s += end - start
-                self.trace.append((start, end, mb, v.index))  # perf_counter is CLOCK_MONOTONIC: one clock for all
+                self.trace.append((start, end, mb + stream, v.index))  # perf_counter is CLOCK_MONOTONIC: one clock for all
                 for msg in v.send:
                     n = outputs[msg.dst].send({"v": v.index, "mb": mb}, [t[x] for x in msg.names], poll)
                     self.bytes_sent[msg.dst] = self.bytes_sent.get(msg.dst, 0) + n
@@ -103,12 +105,19 @@ class StageProgram:
 
 def build_stage(cfg: dict) -> tuple[list[Op], StageProgram, dict]:
     mc = ModelConfig(**cfg["model_config"])
-    meta = LoadedModel(mc, index_shapes(cfg["weights"]), None, "", cfg["source"])  # shapes only  # type: ignore[arg-type]
+    meta = LoadedModel(mc, index_shapes(cfg["weights"]), None, "", cfg["source"])  # type: ignore[arg-type]
     names = list(cfg["weights"]["index"])
     mine = cfg["ops"]
     wanted = sorted({w for op in mine for w in op_weight_names(op, names)})
     dtype = getattr(torch, cfg["dtype"])
-    ops = build_ops_partial(meta, dtype, cfg["max_positions"], import_weights(cfg["weights"], wanted), set(mine))
+    if os.path.exists(f"/dev/shm/{cfg['weights']['segment']}"):
+        weights = import_weights(cfg["weights"], wanted)
+    else:  # another host: read the checkpoint here, keep only this stage's tensors
+        from opdisagg_rt.models.loader import load_model
+        full = load_model(cfg["source"]).weights
+        weights = {k: full[k] for k in wanted}
+        del full
+    ops = build_ops_partial(meta, dtype, cfg["max_positions"], weights, set(mine))
     kv_bytes = 0
     for op in ops:
         if isinstance(op, AttentionOp):
@@ -128,7 +137,10 @@ def worker_main(cfg_json: str, endpoints: dict) -> None:
     cfg = json.loads(cfg_json)
     torch.set_num_threads(cfg["threads"])
     ppid = os.getppid()
-    status_seg = ShmSegment(cfg["status"], cfg["status_size"], create=False)
+    try:
+        status_seg = ShmSegment(cfg["status"], cfg["status_size"], create=False)
+    except FileNotFoundError:  # another host: progress words stay private (the engine sees only gloo)
+        status_seg = ShmSegment.anonymous(cfg["status_size"])
     status = Status(status_seg, cfg["index"])
     status.set(S_PID, os.getpid())
 
@@ -137,41 +149,57 @@ def worker_main(cfg_json: str, endpoints: dict) -> None:
             os._exit(0)
         status.set(S_BEAT, status.words[S_BEAT] + 1)
 
-    try:
-        from opdisagg_rt.disagg.transport.endpoints import open_worker_endpoints
-        ctrl, to_driver, inputs, outputs, contains = open_worker_endpoints(cfg, endpoints)
-        outputs[DRIVER] = to_driver
-        ops, program, memory = build_stage(cfg)
-        to_driver.send({"kind": "ready", "memory": memory, "pid": os.getpid()}, [], poll)
-        status.set(S_STATE, READY)
-        with torch.inference_mode():
-            while True:
-                header, ts = ctrl.recv(poll)
-                kind = header["kind"]
-                if kind == "stop":
-                    ctrl.release()
-                    break
-                if kind == "stats":
-                    ctrl.release()
-                    trace = torch.tensor(list(program.trace) if header.get("trace") else [], dtype=torch.float64)
-                    to_driver.send({"kind": "stats", "bytes_sent": program.bytes_sent, "busy_s": program.busy_s,
-                                    "recv_total": program.recv_total, "recv_inplace": program.recv_inplace,
-                                    "memory": memory}, [trace], poll)
-                    continue
-                # a step: header + tensors of micro-batch 0, then the other micro-batches' metadata
-                n = header["n"]
-                batches = [decode_batch(header, ts)]
-                for _ in range(n - 1):
-                    h, t2 = ctrl.recv(poll)
-                    batches.append(decode_batch(h, t2))
-                status.set(S_STEP, header["step"])
-                status.set(S_UNIT, 0)
-                program.run(batches, inputs, outputs, poll, status, contains)
-                for _ in range(n):
-                    ctrl.release()
-        status.set(S_STATE, STOPPED)
-    except BaseException as e:  # tell the engine why, then die: the step cannot complete anyway
+    def fail(e: BaseException) -> None:  # tell the engine why, then die: the step cannot complete anyway
         status.fail(f"stage {cfg['stage']!r} (pid {os.getpid()}): {type(e).__name__}: {e}\n"
                     + "".join(traceback.format_exc(limit=6)))
         sys.stderr.flush()
         os._exit(1)
+
+    def serve(stream, ctrl, to_driver, inputs, outputs) -> None:
+        """One stream's loop. Stream 0 also answers commands; the others only run steps."""
+        try:
+            with torch.inference_mode():  # thread-local: entered by every stream's thread
+                while True:
+                    header, ts = ctrl.recv(poll)
+                    kind = header["kind"]
+                    if kind == "stop":
+                        ctrl.release()
+                        return
+                    if kind == "stats":
+                        ctrl.release()
+                        trace = torch.tensor(list(program.trace) if header.get("trace") else [], dtype=torch.float64)
+                        to_driver.send({"kind": "stats", "bytes_sent": program.bytes_sent, "busy_s": program.busy_s,
+                                        "recv_total": program.recv_total, "recv_inplace": program.recv_inplace,
+                                        "memory": memory}, [trace], poll)
+                        continue
+                    # a step: header + tensors of micro-batch 0, then the other micro-batches' metadata
+                    n = header["n"]
+                    batches = [decode_batch(header, ts)]
+                    for _ in range(n - 1):
+                        h, t2 = ctrl.recv(poll)
+                        batches.append(decode_batch(h, t2))
+                    status.set(S_STEP, header["step"])
+                    status.set(S_UNIT, 0)
+                    program.run(batches, inputs, outputs, poll, status, contains, stream)
+                    for _ in range(n):
+                        ctrl.release()
+        except BaseException as e:  # noqa: BLE001
+            fail(e)
+
+    try:
+        from opdisagg_rt.disagg.transport.endpoints import open_worker_endpoints
+        streams, contains = open_worker_endpoints(cfg, endpoints)
+        for ctrl, to_driver, inputs, outputs in streams:
+            outputs[DRIVER] = to_driver
+        ops, program, memory = build_stage(cfg)
+        streams[0][1].send({"kind": "ready", "memory": memory, "pid": os.getpid()}, [], poll)
+        status.set(S_STATE, READY)
+        # Independent streams: one thread each. Torch kernels release the GIL, so while one
+        # stream waits for its activations the other computes on this stage's core.
+        for k, st in enumerate(streams[1:], 1):
+            threading.Thread(target=serve, args=(k, *st), daemon=True).start()
+        serve(0, *streams[0])
+        status.set(S_STATE, STOPPED)
+    except BaseException as e:  # noqa: BLE001
+        fail(e)
+    os._exit(0)  # stream threads may still wait on their channels

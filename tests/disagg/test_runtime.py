@@ -60,6 +60,8 @@ def check_clean_shutdown(engine):
 SPECS = {
     "attn_rest_mb1": ATTN_REST,
     "attn_rest_mb2": {**ATTN_REST, "micro_batches": 2},
+    # micro-batches as independent request streams: continuous ping-pong across steps
+    "attn_rest_streams2": {**ATTN_REST, "micro_batches": 2, "streams": True},
     "every_third_mlp_mb2": {"stages": {
         "main": {"device": "cpu", "ops": ["embed", "layers.*.attn_norm", "layers.*.qkv_proj", "layers.*.attn",
                                           "layers.*.o_proj", "layers.*.mlp_norm", "final_norm", "lm_head"]
@@ -140,5 +142,24 @@ def test_planner_spec_runs_as_is(smollm2, reference, tmp_path):
     try:
         assert len(eng.runner.spec.stages) > 1 or (eng.runner.inline and not eng.runner.procs)
         assert tokens(run(eng)) == reference
+    finally:
+        eng.shutdown()
+
+
+def test_streams_abort_in_flight(smollm2, reference):
+    """Abort while the request's step is on the stages: its blocks are freed only after that step,
+    so the other stream's outputs stay exact."""
+    eng = Engine(smollm2, stage_spec={**ATTN_REST, "micro_batches": 2, "streams": True}, **dict(KW, kv_cache_memory=32 * 737280))
+    try:
+        a = eng.add_request(PROMPTS[0], PARAMS)
+        b = eng.add_request(PROMPTS[1], PARAMS)
+        eng.step()  # both streams submitted, one completed
+        assert eng.abort(a)
+        done = {}
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                done[o.request_id] = o
+        assert done[b].token_ids == reference[1] and done[b].error is None
+        assert eng.generate(PROMPTS[2], PARAMS, use_tqdm=False)[0].token_ids == reference[2]
     finally:
         eng.shutdown()

@@ -35,8 +35,8 @@ def destroy_dist() -> None:
 class DistEndpoint:
     """Both directions between this rank and `peer` (FIFO per direction)."""
 
-    def __init__(self, peer: int, device: str = "cpu", blocking: bool = False):
-        self.peer, self.device, self.blocking = peer, device, blocking
+    def __init__(self, peer: int, device: str = "cpu", blocking: bool = False, tag: int = 0):
+        self.peer, self.device, self.blocking, self.tag = peer, device, blocking, tag
         self.bytes_sent = self.messages_sent = 0
 
     def _wait(self, work, poll: Poll | None) -> None:
@@ -64,17 +64,17 @@ class DistEndpoint:
     def send(self, header: dict, tensors: Sequence[torch.Tensor], poll: Poll | None = None) -> int:
         buf = torch.empty(message_size(header, tensors), dtype=torch.uint8)
         nbytes = write_message(buf, header, tensors)
-        self._wait(dist.isend(torch.tensor([buf.numel()], dtype=torch.int64), self.peer), poll)
-        self._wait(dist.isend(buf, self.peer), poll)
+        self._wait(dist.isend(torch.tensor([buf.numel()], dtype=torch.int64), self.peer, tag=self.tag), poll)
+        self._wait(dist.isend(buf, self.peer, tag=self.tag), poll)
         self.bytes_sent += nbytes
         self.messages_sent += 1
         return nbytes
 
     def recv(self, poll: Poll | None = None) -> tuple[dict, list[torch.Tensor]]:
         size = torch.empty(1, dtype=torch.int64)
-        self._wait(dist.irecv(size, self.peer), poll)
+        self._wait(dist.irecv(size, self.peer, tag=self.tag), poll)
         buf = torch.empty(int(size[0]), dtype=torch.uint8)
-        self._wait(dist.irecv(buf, self.peer), poll)
+        self._wait(dist.irecv(buf, self.peer, tag=self.tag), poll)
         return read_message(buf)
 
     def release(self) -> None:

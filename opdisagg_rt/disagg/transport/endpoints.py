@@ -10,16 +10,22 @@ from opdisagg_rt.disagg.graph import DRIVER
 
 
 def open_worker_endpoints(cfg: dict, endpoints: dict):
-    """-> ctrl, to_driver, inputs {src: ep}, outputs {dst: ep}, contains(ep, tensor) or None."""
+    """-> per stream [(ctrl, to_driver, inputs {src: ep}, outputs {dst: ep})], contains(ep, tensor) or None."""
     if endpoints["kind"] == "shm":
         from opdisagg_rt.disagg.transport.shm import ShmRing
-        ctrl = ShmRing.open(endpoints["ctrl"], create=False)
-        to_driver = ShmRing.open(endpoints["to_driver"], create=False)
-        inputs = {src: ShmRing.open(r, create=False) for src, r in endpoints["inputs"].items()}
-        outputs = {dst: ShmRing.open(r, create=False) for dst, r in endpoints["outputs"].items()}
-        return ctrl, to_driver, inputs, outputs, lambda ep, t: ep.seg.contains(t)
+        out = []
+        for st in endpoints["streams"]:
+            ctrl = ShmRing.open(st["ctrl"], create=False)
+            to_driver = ShmRing.open(st["to_driver"], create=False)
+            inputs = {src: ShmRing.open(r, create=False) for src, r in st["inputs"].items()}
+            outputs = {dst: ShmRing.open(r, create=False) for dst, r in st["outputs"].items()}
+            out.append((ctrl, to_driver, inputs, outputs))
+        return out, lambda ep, t: ep.seg.contains(t)
     from opdisagg_rt.disagg.transport.dist import DistEndpoint, init_dist
     init_dist(endpoints["rank"], endpoints["world"], cfg["device"])
-    ranks = endpoints["ranks"]
-    ep = {name: DistEndpoint(r, cfg["device"], blocking=True) for name, r in ranks.items() if name != cfg["stage"]}
-    return ep[DRIVER], ep[DRIVER], ep, ep, None
+    out = []
+    for k in range(endpoints["streams"]):  # a stream is a message tag: FIFO per (peer, tag)
+        ep = {name: DistEndpoint(r, cfg["device"], blocking=True, tag=k)
+              for name, r in endpoints["ranks"].items() if name != cfg["stage"]}
+        out.append((ep[DRIVER], ep[DRIVER], ep, ep))
+    return out, None

@@ -34,6 +34,27 @@ def new_name(tag: str) -> str:
     return f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{tag}"
 
 
+def sweep_stale() -> list[str]:
+    """Remove segments left by engine processes that died without cleaning up (SIGKILL, SIGTERM):
+    the creator's pid is in every name."""
+    gone = []
+    for name in os.listdir(SHM_DIR):
+        if not name.startswith(PREFIX):
+            continue
+        try:
+            pid = int(name[len(PREFIX):].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                gone.append(name)
+            except FileNotFoundError:
+                pass
+        except (ValueError, PermissionError):
+            pass
+    return gone
+
+
 def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
@@ -55,6 +76,14 @@ class ShmSegment:
             os.close(fd)
         self.buf = torch.frombuffer(self.mm, dtype=torch.uint8)
 
+    @classmethod
+    def anonymous(cls, size: int) -> "ShmSegment":
+        """A private mapping with the same interface (no file)."""
+        seg = cls.__new__(cls)
+        seg.name, seg.size, seg.mm = "", size, mmap.mmap(-1, size)
+        seg.buf = torch.frombuffer(seg.mm, dtype=torch.uint8)
+        return seg
+
     def contains(self, t: torch.Tensor) -> bool:
         base = self.buf.data_ptr()
         return base <= t.data_ptr() < base + self.size
@@ -67,6 +96,8 @@ class ShmSegment:
             pass
 
     def unlink(self) -> None:
+        if not self.name:  # anonymous
+            return
         try:
             os.unlink(os.path.join(SHM_DIR, self.name))
         except FileNotFoundError:
