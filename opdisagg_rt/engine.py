@@ -51,7 +51,7 @@ class Engine:
         if self.max_model_len > limit:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
                              f"max_position_embeddings={limit}")
-        # --- disagg (issue 6): a stage spec runs the operations on stage workers ---
+        # A stage spec runs the operations on stage worker processes (opdisagg_rt.disagg).
         if stage_spec is not None:
             from opdisagg_rt.disagg.executor import DisaggRunner
             self.runner = DisaggRunner(loaded, stage_spec, block_size, self.dtype, self.max_model_len,
@@ -59,7 +59,6 @@ class Engine:
         else:
             self.runner = ModelRunner(build_model_ops(loaded, self.dtype, self.max_model_len), block_size, self.dtype)
         del loaded
-        # --- end disagg ---
         num_blocks = self.runner.allocate_kv_cache(kv_cache_budget(kv_cache_memory))
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching,
                                  hash_extra=f"{self.fingerprint}:{dtype}".encode())
