@@ -209,3 +209,40 @@ def test_unmapped_blocks_outside_window_are_not_read():
     assert_close(out, ref, torch.float32)
     with pytest.raises(IndexError, match=r"block_tables\[0, 0\] = -1 is out of range"):
         run_both(q, kc, vc, bt, qsl, sl, window=0)
+
+
+# Decode-only batches (one row per request): in bfloat16 with head_dim 64 or 128 on a CPU with
+# AVX512-BF16 these take the per-request decode fast path; other shapes/dtypes (head_dim 40,
+# fp32/fp16) and CPUs without AVX512-BF16 take the generic path. Contexts cover partial, exact
+# and multiple blocks, more than one 16-key chunk and a context longer than the 64-key tile.
+DECODE_SEQ_LENS = [1, 2, 15, 16, 17, 31, 33, 64, 65, 100, 191, 256, 300]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,dim,block_size", [
+    (9, 3, 64, 16),   # the benchmark model's shape
+    (8, 8, 64, 16),   # MHA
+    (16, 2, 64, 5),   # GQA 8 (head tiles of the P.V step), odd block size
+    (4, 1, 128, 16),  # head_dim 128
+    (6, 2, 40, 16),   # head_dim 40: generic path in every dtype
+    (3, 3, 96, 8),    # head_dim 96: generic path
+])
+@pytest.mark.parametrize("window", [0, 1, 20, 1000])
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_decode_batch_matches_ref(dtype, heads, kv_heads, dim, block_size, window, with_sinks):
+    n = len(DECODE_SEQ_LENS)
+    case = make_case(DECODE_SEQ_LENS, [1] * n, heads, kv_heads, dim, block_size, dtype,
+                     seed=heads * 7 + dim + block_size)
+    sinks = torch.linspace(-4.0, 6.0, heads) if with_sinks else None
+    out, ref = run_both(*case, window=window, sinks=sinks)
+    assert_close(out, ref, dtype)
+
+
+def test_decode_rows_in_mixed_batch_parallel():
+    # decodes (fast path in bf16) next to prefill chunks (generic path), split over threads
+    seq_lens = [200, 17, 150, 1, 90, 33]
+    n_rows = [1, 17, 1, 1, 40, 1]
+    case = make_case(seq_lens, n_rows, 9, 3, 64, 16, torch.bfloat16, seed=21)
+    for window in (0, 50):
+        out, ref = run_both(*case, window=window, sinks=torch.linspace(-1.0, 2.0, 9))
+        assert_close(out, ref, torch.bfloat16)

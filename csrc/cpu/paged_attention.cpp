@@ -1,6 +1,10 @@
 // CPU kernel of paged_attention: attention of query rows over the paged KV caches (the decode
 // and prefill hot path on CPU). See the schema comment in torch_bindings.cpp for the semantics.
 //
+// Decode rows (n_r == 1) in bf16 with head_dim 64/128 on CPUs with AVX512-BF16 take a
+// specialized path (decode_bf16 below: one work item per request covering all its kv heads);
+// everything else, and every row on other CPUs, takes the generic path described here.
+//
 // Work item = (request, kv head, chunk of query rows). An item loads every K/V row it needs once,
 // converts it to float32 into a small tile buffer, and serves the whole GQA group of query heads
 // (and all rows of the chunk) from it. Softmax is online (flash-style) over tiles of kTileKeys
@@ -21,10 +25,16 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <optional>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define OPDISAGG_PA_X86 1
+#endif
 
 #include "../ops.h"
 
@@ -110,9 +120,11 @@ struct Ctx {
   float scale;
   int64_t window;
   const float* sinks;  // [H] or nullptr
+  // Decode fast path (items with g < 0: the single query row of request r, all kv heads).
+  void (*decode)(const struct Ctx&, int64_t r);
 };
 
-// Query rows [j0, j1) of request r, kv head g.
+// Query rows [j0, j1) of request r, kv head g (g < 0: a decode row served by Ctx::decode).
 struct Item {
   int64_t r, g, j0, j1, cost;
 };
@@ -252,6 +264,10 @@ OPDISAGG_INLINE void run_items_impl(const Ctx& c, const Item* items, int64_t n_i
   for (int64_t i = next->fetch_add(1, std::memory_order_relaxed); i < n_items;
        i = next->fetch_add(1, std::memory_order_relaxed)) {
     const Item& it = items[i];
+    if (it.g < 0) {
+      c.decode(c, it.r);
+      continue;
+    }
     const int64_t M = it.j1 - it.j0, QR = M * G;
     const int64_t start = c.qsl[it.r];
     const int64_t n_r = c.qsl[it.r + 1] - start;
@@ -369,6 +385,267 @@ OPDISAGG_PA_CLONES void run_items_f16(const Ctx& c, const Item* items, int64_t n
   run_items_impl<Kind::F16>(c, items, n, next);
 }
 
+// ---- Decode fast path: bf16 caches, one query row, AVX512-BF16 ------------------------------
+//
+// One work item = one decode request, all of its kv heads: a slot's K (or V) rows of every kv
+// head are contiguous (kv_heads x head_dim bf16), so streaming over the request's keys slot by
+// slot loads each cache line exactly once. Two passes over the keys (the context of a decode
+// row is bounded, see kDecodeMaxScores): (1) scores of every query head for 16 keys at a time,
+// q.k with _mm512_dpbf16_ps straight on the bf16 data (the bf16 products are exact in fp32 and
+// accumulate in fp32) and one transpose-add tree for the 16 sums; (2) exact softmax per head
+// (polynomial exp); (3) P.V in fp32 FMAs, V widened from bf16 by a shift, the accumulators of a
+// tile of heads kept in registers over 16 keys. Software prefetch of the next 16 keys' slots.
+// Scores buffer bound (floats, heads x padded keys) of the fast path; longer contexts take the
+// generic (online softmax) path.
+constexpr int64_t kDecodeMaxScores = int64_t{1} << 20;
+
+#if defined(OPDISAGG_PA_X86)
+#define OPDISAGG_BF16_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,avx2")))
+
+struct DecodeScratch {
+  std::vector<int64_t> offs;  // element offset of each key's slot (kv head 0)
+  std::vector<float> sc;      // [H, Lp] scores, then probabilities
+  std::vector<float> acc;     // [H, D]
+};
+thread_local DecodeScratch tl_decode;
+
+OPDISAGG_BF16_TARGET OPDISAGG_INLINE __m512 bf16_lo(__m512i x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(x)), 16));
+}
+OPDISAGG_BF16_TARGET OPDISAGG_INLINE __m512 bf16_hi(__m512i x) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(x, 1)), 16));
+}
+
+// Software prefetch of the cache lines of a run of key slots (scattered blocks), issued a few
+// lines at a time between the math so the requests spread out instead of filling the line fill
+// buffers in one burst.
+struct PrefetchStream {
+  const char* base;
+  const int64_t* offs;  // element (bf16) offsets of the slots
+  int64_t n_slots, lines_per_slot, slot, line;
+  OPDISAGG_INLINE void reset(const uint16_t* b, const int64_t* o, int64_t n, int64_t lps) {
+    base = reinterpret_cast<const char*>(b);
+    offs = o;
+    lines_per_slot = lps;
+    n_slots = n;
+    slot = 0;
+    line = 0;
+  }
+  OPDISAGG_INLINE void issue(int64_t k) {
+    for (; k > 0 && slot < n_slots; --k) {
+      __builtin_prefetch(base + offs[slot] * 2 + line * 64);
+      if (++line == lines_per_slot) line = 0, ++slot;
+    }
+  }
+  OPDISAGG_INLINE void drain() { issue(std::numeric_limits<int64_t>::max()); }
+};
+
+// acc[j] (NH heads, D floats each, stride D) += sum_{i < n} p[j * ps + i] * v[offs[i] + goff].
+template <int D, int NH>
+OPDISAGG_BF16_TARGET void pv_tile(const uint16_t* __restrict vc, const int64_t* __restrict offs,
+                                  int64_t n, int64_t goff, const float* __restrict p, int64_t ps,
+                                  float* __restrict acc, PrefetchStream& pf, int64_t pf_per_key) {
+  constexpr int NB = D / 32, NF = D / 16;
+  __m512 a[NH][NF];
+  for (int j = 0; j < NH; ++j)
+    for (int f = 0; f < NF; ++f) a[j][f] = _mm512_loadu_ps(acc + j * D + 16 * f);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t* vp = vc + offs[i] + goff;
+    pf.issue(pf_per_key);
+    __m512 v[NF];
+    for (int b = 0; b < NB; ++b) {
+      const __m512i x = _mm512_loadu_si512(vp + 32 * b);
+      v[2 * b] = bf16_lo(x);
+      v[2 * b + 1] = bf16_hi(x);
+    }
+    for (int j = 0; j < NH; ++j) {
+      const __m512 pj = _mm512_set1_ps(p[j * ps + i]);
+      for (int f = 0; f < NF; ++f) a[j][f] = _mm512_fmadd_ps(pj, v[f], a[j][f]);
+    }
+  }
+  for (int j = 0; j < NH; ++j)
+    for (int f = 0; f < NF; ++f) _mm512_storeu_ps(acc + j * D + 16 * f, a[j][f]);
+}
+
+template <int D>
+OPDISAGG_BF16_TARGET void decode_bf16(const Ctx& c, int64_t r) {
+  constexpr int NB = D / 32;
+  constexpr int kMaxNH = D <= 64 ? 4 : 2;  // register budget of the P.V accumulators
+  const int64_t KVH = c.kv_heads, G = c.group, H = KVH * G, bs = c.block_size;
+  const int64_t row = c.qsl[r];
+  const int64_t pos = c.seq_lens[r] - 1;
+  const int64_t lo = c.window > 0 ? std::max<int64_t>(0, pos - c.window + 1) : 0;
+  const int64_t L = pos + 1 - lo, Lp = (L + 15) & ~int64_t{15};
+  const int64_t slot_stride = KVH * D;
+  const int64_t slot_bytes = slot_stride * 2;
+  DecodeScratch& s = tl_decode;
+  if (static_cast<int64_t>(s.offs.size()) < Lp + 16) s.offs.resize(Lp + 16);
+  if (static_cast<int64_t>(s.sc.size()) < H * Lp) s.sc.resize(H * Lp);
+  if (static_cast<int64_t>(s.acc.size()) < H * D) s.acc.resize(H * D);
+  int64_t* offs = s.offs.data();
+  float* sc = s.sc.data();
+  float* acc = s.acc.data();
+
+  const int64_t* bt = c.block_tables + r * c.max_blocks;
+  {
+    int64_t blk = lo / bs, in_blk = lo % bs;
+    for (int64_t t = 0; t < L; ++t) {
+      offs[t] = (bt[blk] * bs + in_blk) * slot_stride;
+      if (++in_blk == bs) in_blk = 0, ++blk;
+    }
+    // Padding keys (masked) read the last real key's slot.
+    for (int64_t t = L; t < Lp + 16; ++t) offs[t] = offs[L - 1];
+  }
+  const uint16_t* q = static_cast<const uint16_t*>(c.q) + row * c.q_s0;
+  const uint16_t* kc = static_cast<const uint16_t*>(c.kc);
+  const uint16_t* vc = static_cast<const uint16_t*>(c.vc);
+  const __m512 vscale = _mm512_set1_ps(c.scale);
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+
+  const int64_t lps = (slot_bytes + 63) / 64;
+  constexpr bool pfm = true;
+  constexpr int64_t pf_dist = 16;  // keys ahead (one block at block_size 16)
+  PrefetchStream pf;
+  // (1) scores
+  if (pfm) {
+    pf.reset(kc, offs, std::min<int64_t>(pf_dist, L), lps);
+    pf.drain();
+  }
+  const int64_t per_key_k = (lps + H - 1) / H;  // lines of the prefetch per key and head
+  for (int64_t t0 = 0; t0 < Lp; t0 += 16) {
+    if (pfm) {
+      const int64_t a = t0 + pf_dist;
+      pf.reset(kc, offs + a, std::max<int64_t>(0, std::min<int64_t>(16, L - a)), lps);
+    }
+    const __mmask16 valid =
+        L - t0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (L - t0)) - 1);
+    const int64_t* o = offs + t0;
+    for (int64_t g = 0; g < KVH; ++g) {
+      const uint16_t* kg = kc + g * D;
+      for (int64_t h = 0; h < G; ++h) {
+        const int64_t hq = g * G + h;
+        const uint16_t* qh = q + hq * c.q_s1;
+
+        __m512bh qa[NB];
+        for (int b = 0; b < NB; ++b) qa[b] = (__m512bh)_mm512_loadu_si512(qh + 32 * b);
+        v16 x[16];
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) {
+          const uint16_t* kp = kg + o[i];
+          if (pfm) pf.issue(per_key_k);
+          __m512 a = _mm512_setzero_ps();
+          for (int b = 0; b < NB; ++b)
+            a = _mm512_dpbf16_ps(a, qa[b], (__m512bh)_mm512_loadu_si512(kp + 32 * b));
+          x[i] = (v16)a;
+        }
+        const __m512 sum = _mm512_mul_ps((__m512)hsum16(x), vscale);
+        _mm512_storeu_ps(sc + hq * Lp + t0, _mm512_mask_blend_ps(valid, ninf, sum));
+      }
+    }
+    if (pfm) pf.drain();
+  }
+  // Start the V stream while the softmax runs.
+  if (pfm) {
+    pf.reset(vc, offs, std::min<int64_t>(pf_dist, L), lps);
+    pf.drain();
+  }
+
+  // (2) softmax per head (unnormalized; the norm is applied to the output)
+  float norm[256];
+  float* normp = H <= 256 ? norm : nullptr;
+  std::vector<float> norm_big;
+  if (normp == nullptr) {
+    norm_big.resize(H);
+    normp = norm_big.data();
+  }
+  for (int64_t hq = 0; hq < H; ++hq) {
+    float* sh = sc + hq * Lp;
+    __m512 vm = ninf;
+    for (int64_t t = 0; t < Lp; t += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(sh + t));
+    const float m = _mm512_reduce_max_ps(vm);
+    const v16 mv = v16{} + m;
+    v16 vs{};
+    for (int64_t t = 0; t < Lp; t += 16) {
+      const v16 e = vexp_nonpos(vload(sh + t) - mv);
+      vstore(sh + t, e);
+      vs += e;
+    }
+    const float sum = _mm512_reduce_add_ps((__m512)vs);
+    float nrm = 1.f / sum;
+    if (c.sinks != nullptr) {
+      const float sk = c.sinks[hq];
+      const float m_all = std::max(m, sk);
+      const float corr = std::exp(m - m_all);
+      nrm = corr / (sum * corr + std::exp(sk - m_all));
+    }
+    normp[hq] = nrm;
+  }
+
+  // (3) P.V
+  const int64_t v_steps = KVH * ((G + kMaxNH - 1) / kMaxNH);
+  const int64_t per_key_v = (lps + v_steps - 1) / v_steps;
+  std::fill(acc, acc + H * D, 0.f);
+  for (int64_t t0 = 0; t0 < L; t0 += 16) {
+    const int64_t n = std::min<int64_t>(16, L - t0);
+    if (pfm) {
+      const int64_t a = t0 + pf_dist;
+      pf.reset(vc, offs + a, std::max<int64_t>(0, std::min<int64_t>(16, L - a)), lps);
+    }
+    for (int64_t g = 0; g < KVH; ++g) {
+      for (int64_t h0 = 0; h0 < G; h0 += kMaxNH) {
+
+        const int64_t nh = std::min<int64_t>(kMaxNH, G - h0), hq0 = g * G + h0;
+        const float* p = sc + hq0 * Lp + t0;
+        float* a = acc + hq0 * D;
+        switch (nh) {
+          case 1: pv_tile<D, 1>(vc, offs + t0, n, g * D, p, Lp, a, pf, per_key_v); break;
+          case 2: pv_tile<D, 2>(vc, offs + t0, n, g * D, p, Lp, a, pf, per_key_v); break;
+          case 3: pv_tile<D, 3>(vc, offs + t0, n, g * D, p, Lp, a, pf, per_key_v); break;
+          default: pv_tile<D, kMaxNH>(vc, offs + t0, n, g * D, p, Lp, a, pf, per_key_v); break;
+        }
+      }
+    }
+    if (pfm) pf.drain();
+  }
+  uint16_t* out = static_cast<uint16_t*>(c.out) + row * c.o_s0;
+  for (int64_t hq = 0; hq < H; ++hq) {
+    uint16_t* dst = out + hq * c.o_s1;
+    const float* av = acc + hq * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] = Traits<Kind::BF16>::store(av[d] * normp[hq]);
+  }
+}
+
+bool cpu_has_avx512bf16() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bf16");
+  }();
+  return ok;
+}
+#endif  // OPDISAGG_PA_X86
+
+// The fast decode kernel for these shapes, or nullptr (then every row takes the generic path).
+// OPDISAGG_PA_DECODE_FAST=0 in the environment disables it (benchmarks, debugging).
+void (*select_decode(at::ScalarType dtype, int64_t D))(const Ctx&, int64_t) {
+#if defined(OPDISAGG_PA_X86)
+  static const bool enabled = [] {
+    const char* e = std::getenv("OPDISAGG_PA_DECODE_FAST");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
+  if (!enabled || dtype != at::kBFloat16 || !cpu_has_avx512bf16()) return nullptr;
+  if (D == 64) return &decode_bf16<64>;
+  if (D == 128) return &decode_bf16<128>;
+#else
+  (void)dtype;
+  (void)D;
+#endif
+  return nullptr;
+}
+
 // Data checks on the CPU index tensors (contiguous int64), serial and before any write.
 void check_paged_attention_indices(const int64_t* qsl, const int64_t* sl, const int64_t* bt,
                                    int64_t R, int64_t max_blocks, int64_t T, int64_t num_blocks,
@@ -432,10 +709,20 @@ void paged_attention_cpu(at::Tensor& out, const at::Tensor& query, const at::Ten
 
   const int64_t G = H / kv_heads;
   const int64_t rows_per_item = std::max<int64_t>(1, kTargetQueryVectors / G);
+  const auto decode = select_decode(query.scalar_type(), D);
   std::vector<Item> items;
   int64_t total = 0;
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = qsl_p[r + 1] - qsl_p[r];
+    if (decode != nullptr && n == 1) {
+      const int64_t span = window > 0 ? std::min(window, sl_p[r]) : sl_p[r];
+      if (H * ((span + 15) & ~int64_t{15}) <= kDecodeMaxScores) {
+        const int64_t cost = H * span * D * 2;
+        total += cost;
+        items.push_back({r, -1, 0, 1, cost});
+        continue;
+      }
+    }
     for (int64_t j0 = 0; j0 < n; j0 += rows_per_item) {
       const int64_t j1 = std::min(n, j0 + rows_per_item);
       // keys the chunk's rows see (all of them for a causal chunk without window)
@@ -457,7 +744,7 @@ void paged_attention_cpu(at::Tensor& out, const at::Tensor& query, const at::Ten
                 kv_heads, D, block_size, G, max_blocks,
                 bt_p, qsl_p, sl_p,
                 static_cast<float>(scale), window,
-                sinks_c.has_value() ? sinks_c->const_data_ptr<float>() : nullptr};
+                sinks_c.has_value() ? sinks_c->const_data_ptr<float>() : nullptr, decode};
   void (*run)(const Ctx&, const Item*, int64_t, std::atomic<int64_t>*) =
       query.scalar_type() == at::kFloat      ? &run_items_f32
       : query.scalar_type() == at::kBFloat16 ? &run_items_bf16

@@ -95,10 +95,9 @@ def test_prefix_cache_hit_same_tokens(smollm2, hf_greedy):
     assert first.token_ids == second.token_ids == hf_greedy[0]
 
 
-def test_preemption_same_tokens(smollm2, hf_greedy):
+def test_preemption_same_tokens(smollm2, engine, hf_greedy):
     # Room for about 3 sequences of ~100 tokens: 4 concurrent requests must preempt.
-    probe = Engine(smollm2, dtype="float32", kv_cache_memory=1 << 20)
-    block_bytes = probe.runner.block_bytes()
+    block_bytes = engine.runner.block_bytes()  # float32, block_size 16, as below
     eng = Engine(smollm2, dtype="float32", kv_cache_memory=20 * block_bytes, block_size=16)
     outs = eng.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert eng.scheduler.num_preemptions > 0
