@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from opdisagg_rt.layers.base import Op, Tensors
 from opdisagg_rt.step_batch import StepBatch
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Normalize in float32 as transformers does: bf16 variance loses too much precision.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    # torch's fused kernel accumulates in float32 like transformers' Llama norm; it rounds once
+    # (after the weight) instead of twice, so bf16 results may differ from HF by one ulp.
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 class RMSNormOp(Op):
