@@ -22,6 +22,15 @@ void check_index_tensor(const at::Tensor& ids, const char* op, const char* arg,
               ids.sym_sizes());
 }
 
+void check_cache_pair(const at::Tensor& key_cache, const at::Tensor& value_cache, const char* op) {
+  TORCH_CHECK(key_cache.dim() == 4, op,
+              ": key_cache must be [num_blocks, block_size, kv_heads, head_dim], got shape ",
+              key_cache.sym_sizes());
+  TORCH_SYM_CHECK(c10::sym_equals(key_cache.sym_sizes(), value_cache.sym_sizes()), op,
+                  ": value_cache must have the shape of key_cache ", key_cache.sym_sizes(),
+                  ", got ", value_cache.sym_sizes());
+}
+
 }  // namespace
 
 void check_reshape_and_cache(const at::Tensor& key, const at::Tensor& value,
@@ -33,12 +42,7 @@ void check_reshape_and_cache(const at::Tensor& key, const at::Tensor& value,
   TORCH_SYM_CHECK(c10::sym_equals(key.sym_sizes(), value.sym_sizes()), op,
                   ": value must have the shape of key ", key.sym_sizes(), ", got ",
                   value.sym_sizes());
-  TORCH_CHECK(key_cache.dim() == 4, op,
-              ": key_cache must be [num_blocks, block_size, kv_heads, head_dim], got shape ",
-              key_cache.sym_sizes());
-  TORCH_SYM_CHECK(c10::sym_equals(key_cache.sym_sizes(), value_cache.sym_sizes()), op,
-                  ": value_cache must have the shape of key_cache ", key_cache.sym_sizes(),
-                  ", got ", value_cache.sym_sizes());
+  check_cache_pair(key_cache, value_cache, op);
   TORCH_SYM_CHECK(key_cache.sym_size(2).sym_eq(key.sym_size(1)) &
                       key_cache.sym_size(3).sym_eq(key.sym_size(2)),
                   op, ": key_cache [num_blocks, block_size, kv_heads, head_dim] = ",
@@ -122,12 +126,7 @@ void check_paged_attention(const at::Tensor& out, const at::Tensor& query,
   const auto dtype = query.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
               ": query must be float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(key_cache.dim() == 4, op,
-              ": key_cache must be [num_blocks, block_size, kv_heads, head_dim], got shape ",
-              key_cache.sym_sizes());
-  TORCH_SYM_CHECK(c10::sym_equals(key_cache.sym_sizes(), value_cache.sym_sizes()), op,
-                  ": value_cache must have the shape of key_cache ", key_cache.sym_sizes(),
-                  ", got ", value_cache.sym_sizes());
+  check_cache_pair(key_cache, value_cache, op);
   TORCH_CHECK(out.scalar_type() == dtype && key_cache.scalar_type() == dtype &&
                   value_cache.scalar_type() == dtype,
               op, ": out, query, key_cache and value_cache must share one dtype, got ",

@@ -4,17 +4,12 @@ It owns the model's operations and the paged KV caches (bound to each `layers.{i
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from opdisagg_rt.layers.attention import AttentionOp
 from opdisagg_rt.layers.base import Op
 from opdisagg_rt.models.executor import run_ops
 from opdisagg_rt.step_batch import StepBatch
-
-logger = logging.getLogger(__name__)
-
 
 def available_memory_bytes() -> int:
     try:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 
-import torch
-
 from opdisagg_rt.kvstore.connector import KVConnector
 from opdisagg_rt.kvstore.format import CorruptEntry, decode, encode
 from opdisagg_rt.kvstore.keys import KeySpace, key_name

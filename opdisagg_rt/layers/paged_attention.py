@@ -26,8 +26,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     scale: float, window: int | None = None) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KVH, D] (this step's rows, already written to the cache);
     caches: [num_blocks, block_size, KVH, D]. Returns [T, H, D]."""
-    num_tokens, num_heads, head_dim = q.shape
-    kv_heads = k.shape[1]
+    kv_heads, head_dim = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
     bs = batch.block_size
     nd = batch.num_decodes
