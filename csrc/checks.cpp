@@ -170,6 +170,78 @@ void check_paged_attention(const at::Tensor& out, const at::Tensor& query,
   check_same_device(seq_lens, query, op, "seq_lens", "query");
 }
 
+namespace {
+void check_float_dtype(const at::Tensor& t, const char* op, const char* arg) {
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op, ": ", arg,
+              " must be float32, bfloat16 or float16, got ", dtype);
+}
+void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg,
+                      const char* ref_arg) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", arg, " (", t.scalar_type(),
+              ") must have the dtype of ", ref_arg, " (", ref.scalar_type(), ")");
+}
+}  // namespace
+
+void check_rms_norm(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
+  constexpr const char* op = "rms_norm";
+  check_float_dtype(input, op, "input");
+  check_same_dtype(weight, input, op, "weight", "input");
+  check_same_dtype(out, input, op, "out", "input");
+  check_same_device(weight, input, op, "weight", "input");
+  check_same_device(out, input, op, "out", "input");
+  TORCH_CHECK(input.dim() >= 1 && weight.dim() == 1, op,
+              ": input must be [..., hidden] and weight [hidden], got shapes ", input.sym_sizes(),
+              " and ", weight.sym_sizes());
+  TORCH_SYM_CHECK(weight.sym_size(0).sym_eq(input.sym_size(-1)), op, ": weight has ",
+                  weight.sym_size(0), " entries but input's hidden size is ", input.sym_size(-1));
+  TORCH_SYM_CHECK(c10::sym_equals(out.sym_sizes(), input.sym_sizes()), op,
+                  ": out must have the shape of input ", input.sym_sizes(), ", got ",
+                  out.sym_sizes());
+}
+
+void check_silu_and_mul(const at::Tensor& out, const at::Tensor& input) {
+  constexpr const char* op = "silu_and_mul";
+  check_float_dtype(input, op, "input");
+  check_same_dtype(out, input, op, "out", "input");
+  check_same_device(out, input, op, "out", "input");
+  TORCH_CHECK(input.dim() >= 1 && out.dim() == input.dim(), op,
+              ": input must be [..., 2 * d] and out [..., d], got shapes ", input.sym_sizes(),
+              " and ", out.sym_sizes());
+  for (int64_t i = 0; i + 1 < input.dim(); ++i)
+    TORCH_SYM_CHECK(out.sym_size(i).sym_eq(input.sym_size(i)), op, ": out ", out.sym_sizes(),
+                    " and input ", input.sym_sizes(), " differ in dimension ", i);
+  TORCH_SYM_CHECK((out.sym_size(-1) * 2).sym_eq(input.sym_size(-1)), op,
+                  ": input's last dimension must be twice out's ([gate | up]), got input ",
+                  input.sym_sizes(), " and out ", out.sym_sizes());
+}
+
+void check_rotary_embedding(const at::Tensor& positions, const at::Tensor& query,
+                            const at::Tensor& key, const at::Tensor& cos_sin_cache) {
+  constexpr const char* op = "rotary_embedding";
+  check_index_tensor(positions, op, "positions", 1, "1-D [num_tokens]");
+  TORCH_CHECK(query.dim() == 3 && key.dim() == 3, op,
+              ": query must be [num_tokens, heads, head_dim] and key [num_tokens, kv_heads, "
+              "head_dim], got shapes ", query.sym_sizes(), " and ", key.sym_sizes());
+  TORCH_SYM_CHECK(query.sym_size(0).sym_eq(positions.sym_size(0)) &
+                      key.sym_size(0).sym_eq(positions.sym_size(0)) &
+                      key.sym_size(2).sym_eq(query.sym_size(2)),
+                  op, ": positions ", positions.sym_sizes(), ", query ", query.sym_sizes(),
+                  " and key ", key.sym_sizes(), " disagree in num_tokens or head_dim");
+  check_float_dtype(query, op, "query");
+  check_same_dtype(key, query, op, "key", "query");
+  TORCH_CHECK(cos_sin_cache.scalar_type() == at::kFloat && cos_sin_cache.dim() == 2, op,
+              ": cos_sin_cache must be float32 [max_position, rotary_dim], got ",
+              cos_sin_cache.scalar_type(), " ", cos_sin_cache.sym_sizes());
+  TORCH_SYM_CHECK(cos_sin_cache.sym_size(1).sym_le(query.sym_size(2)) &
+                      (cos_sin_cache.sym_size(1) % 2).sym_eq(0),
+                  op, ": rotary_dim = cos_sin_cache.size(1) = ", cos_sin_cache.sym_size(1),
+                  " must be even and at most head_dim = ", query.sym_size(2));
+  check_same_device(key, query, op, "key", "query");
+  check_same_device(positions, query, op, "positions", "query");
+  check_same_device(cos_sin_cache, query, op, "cos_sin_cache", "query");
+}
+
 void check_contiguous(const at::Tensor& t, const char* op, const char* arg) {
   TORCH_CHECK(t.is_contiguous(), op, ": ", arg, " must be contiguous (got strides ",
               t.strides(), " for shape ", t.sizes(), ")");

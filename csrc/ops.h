@@ -23,6 +23,10 @@ void check_paged_attention(const at::Tensor& out, const at::Tensor& query,
                            const at::Tensor& key_cache, const at::Tensor& value_cache,
                            const at::Tensor& block_tables, const at::Tensor& query_start_loc,
                            const at::Tensor& seq_lens, const std::optional<at::Tensor>& sinks);
+void check_rms_norm(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight);
+void check_silu_and_mul(const at::Tensor& out, const at::Tensor& input);
+void check_rotary_embedding(const at::Tensor& positions, const at::Tensor& query,
+                            const at::Tensor& key, const at::Tensor& cos_sin_cache);
 
 // Layout checks for the real kernels: caches are written by flat block/slot offsets, so they
 // must be contiguous; K/V rows may be strided (slices of a fused QKV output) but each head's

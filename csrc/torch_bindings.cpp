@@ -44,6 +44,18 @@ void paged_attention_meta(at::Tensor& out, const at::Tensor& query, const at::Te
                         seq_lens, sinks);
 }
 
+void rms_norm_meta(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                   double /*epsilon*/) {
+  check_rms_norm(out, input, weight);
+}
+
+void silu_and_mul_meta(at::Tensor& out, const at::Tensor& input) { check_silu_and_mul(out, input); }
+
+void rotary_embedding_meta(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
+                           const at::Tensor& cos_sin_cache, bool /*is_neox*/) {
+  check_rotary_embedding(positions, query, key, cos_sin_cache);
+}
+
 }  // namespace
 }  // namespace opdisagg
 
@@ -67,6 +79,17 @@ TORCH_LIBRARY(opdisagg, m) {
       "paged_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache,"
       " Tensor block_tables, Tensor query_start_loc, Tensor seq_lens, float scale, int window,"
       " Tensor? sinks) -> ()");
+  // out = weight * x / sqrt(mean(x^2) + epsilon) over the last dimension (float32 math; bf16
+  // rounded after normalizing and after the weight, as transformers' Llama norm).
+  m.def("rms_norm(Tensor(a!) out, Tensor input, Tensor weight, float epsilon) -> ()");
+  // out = silu(input[..., :d]) * input[..., d:] with out [..., d] (SwiGLU's gate and up halves).
+  m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
+  // Rotates, in place, the first rotary_dim = cos_sin_cache.size(1) dims of every head of query
+  // [T, H, D] and key [T, KVH, D] by the float32 table row [cos | sin] of each token's position.
+  // is_neox: pairs (i, i + rotary_dim / 2) (rotate_half, Llama); else (2i, 2i + 1) (GPT-J).
+  m.def(
+      "rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos_sin_cache,"
+      " bool is_neox) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(opdisagg, Meta, m) {
@@ -75,6 +98,9 @@ TORCH_LIBRARY_IMPL(opdisagg, Meta, m) {
   m.impl("gather_blocks", &opdisagg::gather_blocks_meta);
   m.impl("scatter_blocks", &opdisagg::scatter_blocks_meta);
   m.impl("paged_attention", &opdisagg::paged_attention_meta);
+  m.impl("rms_norm", &opdisagg::rms_norm_meta);
+  m.impl("silu_and_mul", &opdisagg::silu_and_mul_meta);
+  m.impl("rotary_embedding", &opdisagg::rotary_embedding_meta);
 }
 
 // A bare module: importing opdisagg_rt._C runs the static registrations above; Python reaches

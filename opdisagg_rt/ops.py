@@ -1,4 +1,5 @@
-"""Paged-KV copy ops of the C++ extension ``opdisagg_rt._C``, and their torch references.
+"""Ops of the C++ extension ``opdisagg_rt._C`` (paged-KV copies, paged attention, and the
+row-wise ops between the GEMMs), and their torch references.
 
 The ops are registered with the torch dispatcher as ``torch.ops.opdisagg.*`` (CPU always, CUDA
 when built with a CUDA torch, Meta for torch.compile); the functions here are thin typed calls.
@@ -27,11 +28,27 @@ _copy_blocks = _ops.copy_blocks.default
 _gather_blocks = _ops.gather_blocks.default
 _scatter_blocks = _ops.scatter_blocks.default
 _paged_attention = _ops.paged_attention.default
+_rms_norm = _ops.rms_norm.default
+_silu_and_mul = _ops.silu_and_mul.default
+_rotary_embedding = _ops.rotary_embedding.default
 
 __all__ = [
-    "reshape_and_cache", "copy_blocks", "gather_blocks", "scatter_blocks",
-    "reshape_and_cache_ref", "copy_blocks_ref", "gather_blocks_ref", "scatter_blocks_ref",
-    "paged_attention", "paged_attention_ref",
+    "copy_blocks",
+    "copy_blocks_ref",
+    "gather_blocks",
+    "gather_blocks_ref",
+    "paged_attention",
+    "paged_attention_ref",
+    "reshape_and_cache",
+    "reshape_and_cache_ref",
+    "rms_norm",
+    "rms_norm_ref",
+    "rotary_embedding",
+    "rotary_embedding_ref",
+    "scatter_blocks",
+    "scatter_blocks_ref",
+    "silu_and_mul",
+    "silu_and_mul_ref",
 ]
 
 
@@ -81,6 +98,35 @@ def paged_attention(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Ten
     """
     _paged_attention(out, query, key_cache, value_cache, block_tables, query_start_loc,
                      seq_lens, scale, window, sinks)
+
+
+def rms_norm(input: torch.Tensor, weight: torch.Tensor, eps: float,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight * x / sqrt(mean(x**2, -1) + eps)`` in float32; for bf16/fp16 inputs the
+    normalized value is rounded to the input dtype before the weight multiplies it (as
+    transformers' LlamaRMSNorm). ``weight``: ``[hidden]``, the input's dtype."""
+    out = torch.empty_like(input) if out is None else out
+    _rms_norm(out, input, weight, eps)
+    return out
+
+
+def silu_and_mul(input: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(gate) * up`` for ``input = [gate | up]`` ``[..., 2d]``; returns ``[..., d]``.
+    silu's result is rounded to the input dtype before the product (transformers' order)."""
+    if out is None:
+        out = torch.empty(*input.shape[:-1], input.shape[-1] // 2, dtype=input.dtype, device=input.device)
+    _silu_and_mul(out, input)
+    return out
+
+
+def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, is_neox: bool = True) -> None:
+    """Rotate ``query`` ``[T, H, D]`` and ``key`` ``[T, KVH, D]`` in place: the first
+    ``rotary_dim = cos_sin_cache.shape[1]`` dims of each head by row ``positions[t]`` (int64) of
+    the float32 table ``[max_position, rotary_dim]`` = ``[cos | sin]``. ``is_neox`` pairs dims
+    ``(i, i + rotary_dim/2)`` (Llama's rotate_half), else ``(2i, 2i+1)`` (GPT-J). Rows may be
+    strided (views of a fused QKV output); each head vector must be dense."""
+    _rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
 
 # ---- references: naive torch indexing ------------------------------------------------------
 
@@ -139,3 +185,27 @@ def paged_attention_ref(out: torch.Tensor, query: torch.Tensor, key_cache: torch
         else:
             probs = torch.softmax(scores, dim=-1)
         out[start:end] = torch.einsum("hnl,lhd->nhd", probs, v).to(out.dtype)
+
+
+def rms_norm_ref(input: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x = input.float()
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(input.dtype)
+
+
+def silu_and_mul_ref(input: torch.Tensor) -> torch.Tensor:
+    gate, up = input.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def rotary_embedding_ref(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                         cos_sin_cache: torch.Tensor, is_neox: bool = True) -> None:
+    rot = cos_sin_cache.shape[1]
+    cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    for x in (query, key):
+        part = x[..., :rot].float()
+        x1, x2 = (part[..., : rot // 2], part[..., rot // 2:]) if is_neox else (part[..., 0::2], part[..., 1::2])
+        r1, r2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        rotated = torch.cat([r1, r2], -1) if is_neox else torch.stack([r1, r2], -1).flatten(-2)
+        x[..., :rot] = rotated.to(x.dtype)

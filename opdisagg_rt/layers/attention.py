@@ -53,9 +53,11 @@ class AttentionOp(Op):
 
     def forward(self, t: Tensors, batch: StepBatch) -> None:
         n = batch.num_tokens
-        cos, sin = batch.cached(f"rope_{id(self.rope)}", lambda: self.rope.cos_sin(batch.positions))
-        q = self.rope.apply(t["q"].view(n, self.num_heads, self.head_dim), cos, sin)
-        k = self.rope.apply(t["k"].view(n, self.num_kv_heads, self.head_dim), cos, sin)
+        # In place: q and k are this step's own buffers (views of the QKV output or of a
+        # received message slot), read by nothing else.
+        q = t["q"].view(n, self.num_heads, self.head_dim)
+        k = t["k"].view(n, self.num_kv_heads, self.head_dim)
+        self.rope.apply_(batch.positions, q, k)
         v = t["v"].reshape(n, self.num_kv_heads, self.head_dim)
         ops.reshape_and_cache(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
         out = paged_attention(q, k, v, self.k_cache, self.v_cache, batch, self.scale, self.window)

@@ -19,7 +19,7 @@ class Linear:
     """y = x @ W^T (+ b). On CPUs with bf16 matrix units (AMX/AVX512-BF16) oneDNN is faster when
     the weight is reordered once into its blocked layout instead of on every call."""
 
-    __slots__ = ("weight", "bias", "packed", "out_features")
+    __slots__ = ("bias", "out_features", "packed", "weight")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight = weight.contiguous()

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from opdisagg_rt import ops
 from opdisagg_rt.layers.base import Op, Tensors
 from opdisagg_rt.layers.linear import Linear
 from opdisagg_rt.step_batch import StepBatch
@@ -21,6 +21,4 @@ class SwiGLUMLPOp(Op):
         return {"gate_up": self.gate_up.weight, "down": self.down.weight}
 
     def forward(self, t: Tensors, batch: StepBatch) -> None:
-        gate_up = self.gate_up(t["hidden"])
-        h = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate:]
-        t["residual"] = t["residual"] + self.down(h)
+        t["residual"] = t["residual"] + self.down(ops.silu_and_mul(self.gate_up(t["hidden"])))

@@ -2,16 +2,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from opdisagg_rt import ops
 from opdisagg_rt.layers.base import Op, Tensors
 from opdisagg_rt.step_batch import StepBatch
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # torch's fused kernel accumulates in float32 like transformers' Llama norm; it rounds once
-    # (after the weight) instead of twice, so bf16 results may differ from HF by one ulp.
-    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 class RMSNormOp(Op):
@@ -26,4 +20,4 @@ class RMSNormOp(Op):
         x = t["residual"]
         if self.rows == "logits":
             x = x.index_select(0, batch.logits_indices)
-        t["hidden"] = rms_norm(x, self.weight, self.eps)
+        t["hidden"] = ops.rms_norm(x, self.weight, self.eps)

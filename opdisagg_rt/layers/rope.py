@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from opdisagg_rt import ops
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None,
                   rotary_dim: int | None = None) -> torch.Tensor:
@@ -38,27 +40,20 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
 
 
 class RotaryEmbedding:
-    """cos/sin tables for every position up to `max_positions`, looked up per step."""
+    """The float32 angle table `[max_positions, rotary_dim]` = `[cos | sin]`, applied in place
+    by the `rotary_embedding` op (one pass over q and k, float32 math)."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float,
-                 scaling: dict[str, Any] | None, dtype: torch.dtype, rotary_dim: int | None = None):
+                 scaling: dict[str, Any] | None, rotary_dim: int | None = None, is_neox: bool = True):
         self.rotary_dim = rotary_dim or head_dim
+        self.is_neox = is_neox
         inv_freq = rope_inv_freq(head_dim, theta, scaling, self.rotary_dim)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        # cos/sin computed in float32 then cast, as transformers does before applying them.
-        self.cos = freqs.cos().to(dtype)
-        self.sin = freqs.sin().to(dtype)
+        # float32 like transformers' cos/sin; they are not rounded to a bf16 model's dtype (HF
+        # rounds them, and each product): at most one bf16 ulp apart from HF per element.
+        self.cos_sin_cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
         self.max_positions = max_positions
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
-
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, head_dim]; cos/sin: [T, rotary_dim/2]."""
-        half = self.rotary_dim // 2
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        x1, x2 = x[..., :half], x[..., half:self.rotary_dim]
-        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-        if self.rotary_dim < x.shape[-1]:
-            rotated = torch.cat([rotated, x[..., self.rotary_dim:]], dim=-1)
-        return rotated
+    def apply_(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim], rotated in place."""
+        ops.rotary_embedding(positions, q, k, self.cos_sin_cache, self.is_neox)

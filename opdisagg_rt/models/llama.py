@@ -50,7 +50,7 @@ def build_llama_ops(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: t
     w = WeightSource(weights, dtype, origin)
     h, inter, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     nh, nkv, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps
-    rope = RotaryEmbedding(hd, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
+    rope = RotaryEmbedding(hd, max_positions, cfg.rope_theta, cfg.rope_scaling)
     embed = w.get("model.embed_tokens.weight", (cfg.vocab_size, h))
     ops: list[Op] = [EmbedOp("embed", embed)]
     for i in range(cfg.num_hidden_layers):
