@@ -17,6 +17,8 @@ CU_FILES = sorted(CSRC.rglob("*.cu"))
 LAUNCHERS = {
     "cache_kernels.cu": ["opdisagg_reshape_and_cache_launch", "opdisagg_copy_blocks_launch",
                          "opdisagg_gather_blocks_launch", "opdisagg_scatter_blocks_launch"],
+    "elementwise_kernels.cu": ["opdisagg_rms_norm_launch", "opdisagg_silu_and_mul_launch",
+                               "opdisagg_rotary_embedding_launch"],
 }
 
 

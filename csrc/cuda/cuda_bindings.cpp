@@ -1,5 +1,6 @@
 // CUDA dispatch of the opdisagg ops: torch-facing argument handling around the raw-pointer
-// launchers of cache_kernels.cu. Built only with a CUDA torch (see setup.py).
+// launchers of cache_kernels.cu and elementwise_kernels.cu. Built only with a CUDA torch (see
+// setup.py).
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -10,6 +11,7 @@
 
 #include "../ops.h"
 #include "cache_kernels.h"
+#include "elementwise_kernels.h"
 
 namespace opdisagg {
 namespace {
@@ -95,6 +97,70 @@ void scatter_blocks_cuda(const at::Tensor& buffer, at::Tensor& cache, const at::
                op);
 }
 
+// The checks admit only float32, bfloat16 and float16 activations.
+opdisagg_elem_kind elem_kind(const at::Tensor& t, const char* op) {
+  const auto dtype = t.scalar_type();
+  if (dtype == at::kFloat) return OPDISAGG_ELEM_F32;
+  if (dtype == at::kBFloat16) return OPDISAGG_ELEM_BF16;
+  TORCH_CHECK(dtype == at::kHalf, op, ": unsupported dtype ", dtype);
+  return OPDISAGG_ELEM_F16;
+}
+
+void rms_norm_cuda(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                   double epsilon) {
+  constexpr const char* op = "rms_norm";
+  check_rms_norm(out, input, weight);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t hidden = input.size(-1);
+  const auto x = input.reshape({-1, hidden});
+  auto o = out.view({-1, hidden});
+  TORCH_CHECK(x.stride(-1) == 1 && o.stride(-1) == 1 && weight.is_contiguous(),
+              "rms_norm: input, out and weight need a unit stride on the hidden dimension, got "
+              "strides ", input.strides(), ", ", out.strides(), ", ", weight.strides());
+  check_launch(opdisagg_rms_norm_launch(o.data_ptr(), x.const_data_ptr(), weight.const_data_ptr(),
+                                        x.size(0), hidden, o.stride(0), x.stride(0),
+                                        static_cast<float>(epsilon), elem_kind(input, op),
+                                        stream()),
+               op);
+}
+
+void silu_and_mul_cuda(at::Tensor& out, const at::Tensor& input) {
+  constexpr const char* op = "silu_and_mul";
+  check_silu_and_mul(out, input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t d = out.size(-1);
+  const auto x = input.reshape({-1, 2 * d});
+  auto o = out.view({-1, d});
+  TORCH_CHECK(x.stride(-1) == 1 && o.stride(-1) == 1,
+              "silu_and_mul: input and out need a unit stride on the last dimension, got strides ",
+              input.strides(), ", ", out.strides());
+  check_launch(opdisagg_silu_and_mul_launch(o.data_ptr(), x.const_data_ptr(), x.size(0), d,
+                                            o.stride(0), x.stride(0), elem_kind(input, op),
+                                            stream()),
+               op);
+}
+
+// Positions outside the table are skipped on the device (the CPU twin raises on them; checking
+// here would need a device sync), as the cache ops do with out-of-range ids.
+void rotary_embedding_cuda(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
+                           const at::Tensor& cos_sin_cache, bool is_neox) {
+  constexpr const char* op = "rotary_embedding";
+  check_rotary_embedding(positions, query, key, cos_sin_cache);
+  TORCH_CHECK(query.stride(2) == 1 && key.stride(2) == 1,
+              "rotary_embedding: query and key need a unit stride on head_dim, got strides ",
+              query.strides(), ", ", key.strides());
+  check_contiguous(cos_sin_cache, op, "cos_sin_cache");
+  const c10::cuda::CUDAGuard guard(query.device());
+  const auto pos = positions.contiguous();
+  check_launch(opdisagg_rotary_embedding_launch(
+                   pos.const_data_ptr<int64_t>(), query.data_ptr(), key.data_ptr(),
+                   cos_sin_cache.const_data_ptr<float>(), query.size(0), query.size(1),
+                   key.size(1), cos_sin_cache.size(1), query.stride(0), query.stride(1),
+                   key.stride(0), key.stride(1), cos_sin_cache.size(0), is_neox ? 1 : 0,
+                   elem_kind(query, op), stream()),
+               op);
+}
+
 }  // namespace
 }  // namespace opdisagg
 
@@ -103,4 +169,7 @@ TORCH_LIBRARY_IMPL(opdisagg, CUDA, m) {
   m.impl("copy_blocks", &opdisagg::copy_blocks_cuda);
   m.impl("gather_blocks", &opdisagg::gather_blocks_cuda);
   m.impl("scatter_blocks", &opdisagg::scatter_blocks_cuda);
+  m.impl("rms_norm", &opdisagg::rms_norm_cuda);
+  m.impl("silu_and_mul", &opdisagg::silu_and_mul_cuda);
+  m.impl("rotary_embedding", &opdisagg::rotary_embedding_cuda);
 }
