@@ -24,7 +24,9 @@ from opdisagg_rt.scheduler.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | list[int] | list[dict[str, Any]]
+# Text, token ids, a chat (list of messages), or vLLM's prompt dicts: {"prompt": text} or
+# {"prompt_token_ids": ids}, each with an optional "cache_salt".
+Prompt = str | list[int] | list[dict[str, Any]] | dict[str, Any]
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 
 
@@ -90,11 +92,13 @@ class Engine:
         raise ValueError(f"prompt must be text, a list of token ids or a list of chat messages (dicts), "
                          f"got {type(prompt).__name__}")
 
-    def _make_request(self, prompt: Prompt, params: SamplingParams | None, request_id: str | None) -> Request:
+    def _make_request(self, prompt: Prompt, params: SamplingParams | None, request_id: str | None,
+                      cache_salt: str | None = None) -> Request:
         """Everything that can be wrong with a request is found here, before it joins the batch."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        prompt, cache_salt = self._unpack_prompt(prompt, cache_salt)
         ids = self.tokenize(prompt)
         if not ids:
             raise ValueError("prompt is empty (0 tokens)")
@@ -109,7 +113,26 @@ class Engine:
         if request_id in self.scheduler.requests:
             raise ValueError(f"request_id {request_id!r} is already running")
         gen = make_generator(params.seed) if params.seed is not None else None
-        return Request(request_id, ids, params, prompt=prompt if isinstance(prompt, str) else None, generator=gen)
+        return Request(request_id, ids, params, prompt=prompt if isinstance(prompt, str) else None, generator=gen,
+                       cache_salt=cache_salt)
+
+    @staticmethod
+    def _unpack_prompt(prompt: Prompt, cache_salt: str | None) -> tuple[Prompt, str | None]:
+        """A vLLM prompt dict gives its prompt and its "cache_salt"; `cache_salt` (the argument)
+        applies to any prompt form."""
+        if isinstance(prompt, dict):
+            unknown = set(prompt) - {"prompt", "prompt_token_ids", "cache_salt"}
+            if unknown or ("prompt" in prompt) == ("prompt_token_ids" in prompt):
+                raise ValueError("a prompt dict needs exactly one of 'prompt' or 'prompt_token_ids' "
+                                 f"(and optionally 'cache_salt'), got keys {sorted(prompt)}")
+            salt = prompt.get("cache_salt")
+            if salt is not None and cache_salt is not None and salt != cache_salt:
+                raise ValueError(f"cache_salt={cache_salt!r} conflicts with the prompt's cache_salt={salt!r}")
+            cache_salt = cache_salt if salt is None else salt
+            prompt = prompt["prompt"] if "prompt" in prompt else prompt["prompt_token_ids"]
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError(f"cache_salt must be a non-empty string if given, got {cache_salt!r}")
+        return prompt, cache_salt
 
     def _enqueue(self, req: Request) -> None:
         self._streams[req.request_id] = RequestStream(self.tokenizer, req.prompt_token_ids, req.sampling_params,
@@ -119,8 +142,10 @@ class Engine:
         self.scheduler.add_request(req)
 
     def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        req = self._make_request(prompt, sampling_params, request_id)
+                    request_id: str | None = None, cache_salt: str | None = None) -> str:
+        """Queue a request; `cache_salt` (tenant salt) keeps its KV from being shared with
+        requests of another salt, in the prefix cache and in the KV store."""
+        req = self._make_request(prompt, sampling_params, request_id, cache_salt)
         self._enqueue(req)
         return req.request_id
 
@@ -203,9 +228,10 @@ class Engine:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, cache_salt: str | None = None) -> list[RequestOutput]:
         """Run prompts to completion; outputs in prompt order. Every prompt is checked before
-        any runs, so one bad prompt raises ValueError and nothing is started."""
+        any runs, so one bad prompt raises ValueError and nothing is started. `cache_salt`
+        applies to every prompt (or give each its own: {"prompt": ..., "cache_salt": ...})."""
         prompts = self._as_prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * len(prompts)
@@ -213,7 +239,7 @@ class Engine:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling_params")
-        reqs = [self._make_request(p, sp, None) for p, sp in zip(prompts, params)]
+        reqs = [self._make_request(p, sp, None, cache_salt) for p, sp in zip(prompts, params)]
         for r in reqs:
             self._enqueue(r)
         pending = {r.request_id: i for i, r in enumerate(reqs)}
@@ -226,10 +252,11 @@ class Engine:
                         bar.update(1)
         return results  # type: ignore[return-value]
 
-    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+               cache_salt: str | None = None) -> Iterator[RequestOutput]:
         """Yield this request's outputs as tokens arrive (`text_delta` holds the new text);
         other requests in the engine advance meanwhile."""
-        rid = self.add_request(prompt, sampling_params)
+        rid = self.add_request(prompt, sampling_params, cache_salt=cache_salt)
         while True:
             for o in self.step():
                 if o.request_id == rid:
@@ -239,10 +266,11 @@ class Engine:
 
     @staticmethod
     def _as_prompt_list(prompts) -> list[Prompt]:
-        if isinstance(prompts, str):
+        if isinstance(prompts, (str, dict)):
             return [prompts]
-        if isinstance(prompts, list) and prompts and all(isinstance(x, (int, dict)) for x in prompts):
-            return [prompts]  # one prompt of token ids, or one chat
+        if isinstance(prompts, list) and prompts and all(
+                isinstance(x, int) or (isinstance(x, dict) and "role" in x) for x in prompts):
+            return [prompts]  # one prompt of token ids, or one chat (a list of prompt dicts is many)
         return list(prompts)
 
     def shutdown(self) -> None:

@@ -46,8 +46,9 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="opdisagg-engine-loop", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt, sampling_params=None, request_id: str | None = None) -> OutputStream:
-        req = self.engine._make_request(prompt, sampling_params, request_id)  # raises ValueError here
+    def submit(self, prompt, sampling_params=None, request_id: str | None = None,
+               cache_salt: str | None = None) -> OutputStream:
+        req = self.engine._make_request(prompt, sampling_params, request_id, cache_salt)  # raises ValueError here
         stream = OutputStream(req.request_id)
         self._inbox.put(("add", req, stream))
         self._wake.set()

@@ -12,6 +12,9 @@ from opdisagg_rt.sampling import SamplingParams
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    # Blocks allocated, KV being loaded from the external store in the background (vLLM v1's
+    # name); not schedulable until the load finishes.
+    WAITING_FOR_REMOTE_KVS = "waiting_for_remote_kvs"
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED_STOPPED = "stop"
@@ -31,6 +34,9 @@ class Request:
     sampling_params: SamplingParams
     arrival_time: float = field(default_factory=time.perf_counter)
     prompt: str | None = None
+    # Tenant salt (vLLM's `cache_salt`): keys this request's prefix-cache blocks and store chunks,
+    # so requests with different salts never share KV.
+    cache_salt: str | None = None
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

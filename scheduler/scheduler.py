@@ -4,6 +4,15 @@ There are no prefill/decode phases: every step each running request asks for the
 not computed yet (one for a decode, a chunk of prompt for a prefill), running requests first,
 then waiting ones, until the budget is spent. When KV blocks run out, the most recently admitted
 running request is preempted and later recomputed.
+
+External KV store (kvstore connector), as vLLM v1 does async KV-connector loads: a waiting
+request whose prefix the store holds gets its blocks on admission, its load starts on the
+connector's loader thread, and it waits in `loading` (status WAITING_FOR_REMOTE_KVS) while the
+other requests keep running. At the start of each schedule() finished loads are collected: the
+request joins `running` with num_computed_tokens advanced by the tokens actually loaded (a
+failed chunk and everything after it are simply computed). Loading requests are never preempted
+(they are not in `running`), and count against max_num_seqs so their move to `running` never
+exceeds it.
 """
 from __future__ import annotations
 
@@ -13,6 +22,10 @@ from dataclasses import dataclass, field
 
 from opdisagg_rt.cache.kv_cache_manager import KVCacheManager
 from opdisagg_rt.scheduler.request import Request, RequestStatus
+
+# With nothing else to run, schedule() waits this long for a store load to finish instead of
+# spinning the engine loop (short: a new request arriving meanwhile waits at most this long).
+LOAD_WAIT_S = 0.01
 
 
 @dataclass(slots=True)
@@ -49,6 +62,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.loading: list[Request] = []  # WAITING_FOR_REMOTE_KVS, in admission order
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
 
@@ -57,9 +71,33 @@ class Scheduler:
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading)
 
     def schedule(self) -> SchedulerOutput:
+        self._finish_loads()
+        out = self._schedule()
+        # Only loads are in flight: sleep until one finishes rather than busy-loop the engine.
+        if (not out.scheduled and not out.preempted and self.loading
+                and self.connector.wait_for_loads(self.loading, LOAD_WAIT_S)):
+            self._finish_loads()
+            out = self._schedule()
+        return out
+
+    def _finish_loads(self) -> None:
+        """Loaded requests become running, their loaded tokens counted as computed."""
+        for req in list(self.loading):
+            loaded = self.connector.finished_load(req)  # None while the load is in flight
+            if loaded is None:
+                continue
+            self.loading.remove(req)
+            req.num_computed_tokens += loaded
+            # Verified KV, as good as computed: shareable through the prefix cache from now on
+            # (not earlier: a block must not be found while the loader thread still writes it).
+            self.kv.cache_full_blocks(req, req.num_computed_tokens)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+
+    def _schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
@@ -90,25 +128,45 @@ class Scheduler:
         return SchedulerOutput(scheduled, preempted, sum(s.num_new_tokens for s in scheduled))
 
     def _admit_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while (self.waiting and budget > 0
+               and len(self.running) + len(self.loading) < self.max_num_seqs):
             req = self.waiting[0]
             hits, num_hit = self.kv.get_computed_blocks(req)
             # kvstore hook: tokens past the in-engine hit that the external store can supply.
             num_ext = self.connector.lookup(req, num_hit) if self.connector is not None else 0
-            num_new = min(req.num_tokens - num_hit - num_ext, budget)
-            if not self.kv.allocate_slots(req, num_ext + num_new, hits):
+            if num_ext:
+                if not self.kv.allocate_slots(req, num_ext, hits):
+                    break
+                self.waiting.popleft()
+                self._start_load(req, num_hit, num_ext)
+                continue  # a load takes no compute budget: admit the next one too
+            num_new = min(req.num_tokens - num_hit, budget)
+            if not self.kv.allocate_slots(req, num_new, hits):
                 break
             self.waiting.popleft()
-            req.num_computed_tokens = num_hit
-            if num_ext:  # kvstore hook: fill the blocks; a failed chunk is computed instead
-                req.num_computed_tokens += self.connector.load(
-                    req, self.kv.block_table(req.request_id), num_hit, num_ext)
-            if req.num_cached_tokens < 0:
-                req.num_cached_tokens = num_hit
+            self._on_admitted(req, num_hit)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             scheduled.append(ScheduledRequest(req, num_new, self.kv.block_table(req.request_id)))
             budget -= num_new
+
+    def _on_admitted(self, req: Request, num_hit: int) -> bool:
+        """Progress and first-admission metrics; True at the request's first admission."""
+        req.num_computed_tokens = num_hit
+        first = req.num_cached_tokens < 0
+        if first:
+            req.num_cached_tokens = num_hit
+        return first
+
+    def _start_load(self, req: Request, num_hit: int, num_ext: int) -> None:
+        """kvstore hook: fill the blocks of tokens [num_hit, num_hit + num_ext) in the background."""
+        first = self._on_admitted(req, num_hit)
+        self.connector.start_load(req, self.kv.block_table(req.request_id), num_hit, num_ext,
+                                  record_metrics=first)
+        if req.first_scheduled_time is None:  # being served from here on: queueing ends
+            req.first_scheduled_time = time.perf_counter()
+        req.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+        self.loading.append(req)
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
@@ -144,9 +202,14 @@ class Scheduler:
         req.finished_time = time.perf_counter()
         if req in self.running:
             self.running.remove(req)
+        elif req in self.loading:
+            self.loading.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        if self.connector is not None:  # kvstore hook: store the generated part before freeing
+        if self.connector is not None:
+            # kvstore hook: store the generated part before freeing; cancel an in-flight load
+            # (the connector holds its own reference on the blocks the loader thread writes, so
+            # freeing the request's blocks below cannot hand them to anyone before it is done).
             self.connector.on_finish(req, ok=status is not RequestStatus.FINISHED_ERROR)
         self.kv.free(req)
         self.requests.pop(req.request_id, None)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from opdisagg_rt.cache.block_pool import BlockPool, KVBlock
-from opdisagg_rt.cache.prefix_hash import ROOT_HASH, hash_block
+from opdisagg_rt.cache.prefix_hash import hash_block, root_hash
 
 
 class KVCacheManager:
@@ -25,7 +25,7 @@ class KVCacheManager:
         if len(hashes) >= full:
             return
         tokens = request.all_token_ids
-        parent = hashes[-1] if hashes else ROOT_HASH
+        parent = hashes[-1] if hashes else root_hash(getattr(request, "cache_salt", None))
         for i in range(len(hashes), full):
             parent = hash_block(parent, tokens[i * self.block_size:(i + 1) * self.block_size], self.hash_extra)
             hashes.append(parent)

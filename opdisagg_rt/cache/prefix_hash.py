@@ -8,6 +8,18 @@ BlockHash = bytes
 ROOT_HASH: BlockHash = b"\x00" * 16
 
 
+def root_hash(cache_salt: str | None = None) -> BlockHash:
+    """Parent of a request's first block. A request's `cache_salt` (tenant salt) goes in here,
+    so its first block's hash, and through the chain every later one, commits to the salt:
+    requests with different salts never share a cached block."""
+    if cache_salt is None:
+        return ROOT_HASH
+    salt = cache_salt.encode()
+    h = hashlib.blake2b(b"opdisagg-cache-salt", digest_size=16)
+    h.update(len(salt).to_bytes(4, "little") + salt)
+    return h.digest()
+
+
 def hash_block(parent: BlockHash, token_ids: list[int] | tuple[int, ...], extra: bytes = b"") -> BlockHash:
     """Hash of a block given its parent's hash: equal hashes mean equal whole prefixes."""
     h = hashlib.blake2b(parent, digest_size=16)

@@ -4,16 +4,24 @@ chunks in the background.
 Flow (the scheduler calls these; see its `kvstore hook` comments):
 - `lookup(req, num_hit)` on admission, after the in-engine prefix-cache hit of `num_hit` tokens:
   how many more tokens the store can supply (whole blocks, at least one token left to compute).
-- `load(req, block_table, num_hit, num_ext)` once the blocks are allocated: fetch, verify and
-  `scatter_blocks` each chunk into its blocks; returns the tokens actually loaded (a chunk that
-  turns out corrupt or vanished ends the load there: the rest is simply computed).
+- `start_load(req, block_table, num_hit, num_ext)` once the blocks are allocated: the loader
+  thread fetches, verifies and `scatter_blocks` each chunk into its blocks while the engine
+  keeps stepping the other requests (vLLM v1's async KV-connector load).
+- `finished_load(req)` at the start of each step: None while the load is in flight, then the
+  tokens actually loaded (a chunk that turns out corrupt, vanished or unreadable ends the load
+  there: the rest is simply computed).
 - `on_computed(req)` after each step: prompt chunks that became full are queued for storing.
-- `on_finish(req)` before the request's blocks are freed: the generated part's full chunks too.
+- `on_finish(req)` before the request's blocks are freed: the generated part's full chunks too,
+  and an in-flight load is cancelled.
 
-Storing never blocks the step: the main thread only takes an extra reference on the chunk's
-blocks (so they cannot be reused under the worker's feet) and queues a job; a worker thread
-`gather_blocks` them, encodes and writes to the tiers, and hands the blocks back; the engine
-thread drops those references at its next call (the block pool is not thread-safe).
+Neither direction blocks the step. The block pool is not thread-safe, so only the engine thread
+touches it: before handing blocks to a background thread it takes an extra reference on them
+(so they cannot be reused under the thread's feet, even if the request is aborted or preempted
+meanwhile), and it drops those references once the thread is done. The background threads only
+read or write the blocks' bytes (gather/scatter of whole blocks, disjoint from every block the
+model reads or writes: a loading request's blocks are in no batch and not yet in the prefix
+cache). Tiers are safe to call from several threads (memory: a lock; disk: atomic renames;
+Redis: redis-py's connection pool).
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +48,37 @@ class _ReqState:
     stored: int = 0  # leading chunks already stored, queued, or known to be in the store
     plan: tuple[int, list[int]] = (0, [])  # (first chunk, tier of each chunk) from the last lookup
     store_tokens: int = -1  # tokens loaded from the store at first admission (-1: not yet)
+
+
+@dataclass(slots=True)
+class _LoadChunk:
+    index: int  # chunk number in the request's chain
+    name: str
+    key: bytes
+    tokens: list[int]
+    tier: int  # fastest tier that held it at lookup
+    lo: int  # tokens [lo, hi) of the request come from this chunk
+    hi: int
+    block_ids: list[int]  # the blocks of [lo, hi)
+
+
+@dataclass(slots=True)
+class _LoadResult:
+    loaded: int = 0  # tokens written, from the load's start: whole verified chunks only
+    full_chunks: int = 0  # leading chunks (of the chain) known to be in the store
+    nbytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(slots=True, eq=False)
+class _LoadJob:
+    request_id: str
+    start: int  # first token loaded (the in-engine prefix-cache hit ends here)
+    chunks: list[_LoadChunk]
+    pinned: list  # KVBlock references the engine thread drops once the loader is done
+    record_metrics: bool  # the request's first admission: its store-token count is this load's
+    cancelled: bool = False  # set by the engine thread; the loader stops at the next chunk
+    future: Future | None = None
 
 
 @dataclass(slots=True)
@@ -67,6 +107,10 @@ class KVConnector:
         self._pending_chunks = 0
         self._worker = threading.Thread(target=self._run, name="kvstore-store", daemon=True)
         self._worker.start()
+        # Its own thread: a load is on some request's critical path, never queued behind stores.
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="kvstore-load")
+        self._loads: dict[str, _LoadJob] = {}  # in flight, by request id
+        self._cancelled: list[_LoadJob] = []  # aborted requests' loads still holding blocks
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -79,7 +123,8 @@ class KVConnector:
     def _keys(self, req, st: _ReqState, num_chunks: int) -> list[bytes]:
         if len(st.keys) < num_chunks:
             toks = req.all_token_ids[:num_chunks * self.chunk]
-            st.keys += self.ks.chunk_keys(toks, len(st.keys), st.keys[-1] if st.keys else None)
+            st.keys += self.ks.chunk_keys(toks, len(st.keys), st.keys[-1] if st.keys else None,
+                                          cache_salt=getattr(req, "cache_salt", None))
         return st.keys
 
     def _release_done(self) -> None:
@@ -96,6 +141,7 @@ class KVConnector:
 
     def lookup(self, req, num_hit: int) -> int:
         self._release_done()
+        self._reap_cancelled()
         st = self._state(req)
         c, bs = self.chunk, self.block_size
         cap = (req.num_tokens - 1) // bs * bs  # the last prompt token always runs (its logits)
@@ -108,46 +154,119 @@ class KVConnector:
         st.plan = (first, tiers)
         return max(0, min((first + len(tiers)) * c, cap) - num_hit)
 
-    def load(self, req, block_table: list[int], num_hit: int, num_ext: int) -> int:
-        """Fill blocks for tokens [num_hit, num_hit + num_ext); returns the tokens loaded."""
+    def start_load(self, req, block_table: list[int], num_hit: int, num_ext: int,
+                   record_metrics: bool = True) -> None:
+        """Fill the blocks of tokens [num_hit, num_hit + num_ext) on the loader thread (the plan
+        is the last lookup's); poll `finished_load` for the outcome."""
         st = self._state(req)
         first, tiers = st.plan
         c, bs = self.chunk, self.block_size
         start, end = num_hit, num_hit + num_ext
         tokens = req.all_token_ids
-        done, nbytes, t0 = start, 0, time.perf_counter()
+        chunks = []
         for n, tier in enumerate(tiers):
             i = first + n
-            c0, c1 = i * c, (i + 1) * c
+            c0 = i * c
             if c0 >= end:
                 break
-            got = self.store.get(key_name(st.keys[i]), st.keys[i], self.fields, tokens[c0:c1], tier)
-            if got is None:
-                break
-            t = got[0]
-            if t.dtype != self.attn_ops[0].k_cache.dtype or tuple(t.shape) != self._chunk_shape():
-                logger.warning("kvstore: entry %s has shape %s %s, expected %s; recomputing",
-                               key_name(st.keys[i]), tuple(t.shape), t.dtype, self._chunk_shape())
-                break
-            lo, hi = max(c0, start), min(c1, end)
-            ids = torch.tensor(block_table[lo // bs:hi // bs], dtype=torch.long)
-            nblk = len(ids)
-            for layer, op in enumerate(self.attn_ops):
-                kv_shape = (nblk, bs, *op.k_cache.shape[2:])
-                ops.scatter_blocks(t[layer, 0, lo - c0:hi - c0].view(kv_shape), op.k_cache, ids)
-                ops.scatter_blocks(t[layer, 1, lo - c0:hi - c0].view(kv_shape), op.v_cache, ids)
-            nbytes += t[:, :, lo - c0:hi - c0].numel() * t.element_size()
-            done = hi
-            if hi == c1:
-                st.stored = max(st.stored, i + 1)  # in the store already: never store it again
-        loaded = done - start
+            lo, hi = max(c0, start), min(c0 + c, end)
+            key = st.keys[i]
+            chunks.append(_LoadChunk(i, key_name(key), key, tokens[c0:c0 + c], tier, lo, hi,
+                                     block_table[lo // bs:hi // bs]))
+        pinned = self.kv.req_blocks[req.request_id][start // bs:end // bs]
+        self.kv.pool.touch(pinned)
+        job = _LoadJob(req.request_id, start, chunks, pinned, record_metrics)
+        job.future = self._loader.submit(self._load, job)
+        self._loads[req.request_id] = job
+
+    def finished_load(self, req) -> int | None:
+        """None while the request's load is in flight; then, once, the tokens it loaded (0 if
+        the request has no load)."""
+        job = self._loads.get(req.request_id)
+        if job is None:
+            return 0
+        if not job.future.done():
+            return None
+        del self._loads[req.request_id]
+        res = self._release_load(job)
+        st = self._state(req)
+        st.stored = max(st.stored, res.full_chunks)  # in the store already: never store them again
+        if job.record_metrics:
+            st.store_tokens = res.loaded
+        return res.loaded
+
+    def wait_for_loads(self, reqs: list, timeout: float) -> bool:
+        """Block until one of these requests' loads finishes or `timeout` s pass; True if one did."""
+        futures = [self._loads[r.request_id].future for r in reqs if r.request_id in self._loads]
+        if not futures:
+            return True
+        done, _ = wait(futures, timeout, return_when=FIRST_COMPLETED)
+        return bool(done)
+
+    def _cancel_load(self, request_id: str) -> None:
+        job = self._loads.pop(request_id, None)
+        if job is not None:
+            job.cancelled = True
+            self._cancelled.append(job)
+
+    def _reap_cancelled(self) -> None:
+        """Drop the block references of cancelled loads the loader is done with (engine thread)."""
+        if not self._cancelled:
+            return
+        still = []
+        for job in self._cancelled:
+            if job.future.done():
+                self._release_load(job)
+            else:
+                still.append(job)
+        self._cancelled = still
+
+    def _release_load(self, job: _LoadJob) -> _LoadResult:
+        res = job.future.result()  # _load never raises
+        self.kv.pool.free(list(reversed(job.pinned)))
         stats = self.store.stats
-        stats.load_chunks += -(-loaded // c)
-        stats.load_bytes += nbytes
-        stats.load_seconds += time.perf_counter() - t0
-        if st.store_tokens < 0:
-            st.store_tokens = loaded
-        return loaded
+        with self.store._lock:
+            stats.load_chunks += -(-res.loaded // self.chunk)
+            stats.load_bytes += res.nbytes
+            stats.load_seconds += res.seconds
+        return res
+
+    # -- the loader thread --------------------------------------------------------------------
+
+    def _load(self, job: _LoadJob) -> _LoadResult:
+        res, t0 = _LoadResult(), time.perf_counter()
+        try:
+            for ch in job.chunks:
+                if job.cancelled:
+                    break
+                got = self.store.get(ch.name, ch.key, self.fields, ch.tokens, ch.tier)
+                if got is None or not self._shape_ok(got[0], ch.name):
+                    break
+                self._scatter(got[0], ch)
+                res.loaded = ch.hi - job.start
+                res.nbytes += got[0][:, :, :ch.hi - ch.lo].numel() * got[0].element_size()
+                if ch.hi == (ch.index + 1) * self.chunk:
+                    res.full_chunks = ch.index + 1
+        except Exception:  # a failed load is a miss: the tokens after the last good chunk are computed
+            logger.exception("kvstore: loading request %s's KV failed; recomputing", job.request_id)
+        res.seconds = time.perf_counter() - t0
+        return res
+
+    def _shape_ok(self, t: torch.Tensor, name: str) -> bool:
+        if t.dtype == self.attn_ops[0].k_cache.dtype and tuple(t.shape) == self._chunk_shape():
+            return True
+        logger.warning("kvstore: entry %s has shape %s %s, expected %s; recomputing",
+                       name, tuple(t.shape), t.dtype, self._chunk_shape())
+        return False
+
+    def _scatter(self, t: torch.Tensor, ch: _LoadChunk) -> None:
+        """Write the chunk's tokens [lo, hi) into their blocks of every attention layer."""
+        bs, c0 = self.block_size, ch.index * self.chunk
+        ids = torch.tensor(ch.block_ids, dtype=torch.long)
+        for layer, op in enumerate(self.attn_ops):
+            kv_shape = (len(ids), bs, *op.k_cache.shape[2:])
+            ops.scatter_blocks(t[layer, 0, ch.lo - c0:ch.hi - c0].view(kv_shape), op.k_cache, ids)
+            ops.scatter_blocks(t[layer, 1, ch.lo - c0:ch.hi - c0].view(kv_shape), op.v_cache, ids)
 
     def _chunk_shape(self) -> tuple[int, ...]:
         op = self.attn_ops[0]
@@ -158,11 +277,14 @@ class KVConnector:
     def on_computed(self, req) -> None:
         """After a step: queue the prompt's chunks that are now fully computed."""
         self._release_done()
+        self._reap_cancelled()
         self._store_upto(req, min(req.num_computed_tokens, req.num_prompt_tokens))
 
     def on_finish(self, req, ok: bool) -> None:
         """Before the blocks are freed: queue every full chunk whose KV is written (prompt and
-        generated), unless the request failed (its KV may be garbage)."""
+        generated), unless the request failed (its KV may be garbage). An in-flight load is
+        cancelled; its blocks stay referenced here until the loader thread lets go of them."""
+        self._cancel_load(req.request_id)
         st = self._reqs.get(req.request_id)
         if st is None:
             return
@@ -241,8 +363,14 @@ class KVConnector:
         return self._finished_metrics.pop(request_id, 0)
 
     def flush(self, timeout: float | None = None) -> None:
-        """Wait until every queued chunk is stored (engine thread)."""
+        """Wait until every queued chunk is stored and every cancelled load has let go of its
+        blocks (engine thread)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self._cancelled:
+            wait([j.future for j in self._cancelled], timeout)
+            self._reap_cancelled()
+            if deadline is not None and time.monotonic() > deadline:
+                return
         while self._pending_chunks > 0:
             try:
                 blocks = self._done.get(timeout=0.05)
@@ -257,6 +385,10 @@ class KVConnector:
         return self.store.summary()
 
     def close(self) -> None:
+        for rid in list(self._loads):  # requests still loading will never be scheduled now
+            self._cancel_load(rid)
+        self._loader.shutdown(wait=True)
+        self._reap_cancelled()
         self.flush()
         self._q.put(None)
         self._worker.join(timeout=5)

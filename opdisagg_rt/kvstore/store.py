@@ -108,11 +108,12 @@ class KVStore:
                 logger.warning("kvstore tier %s unavailable (%s); serving by recomputing, retrying with "
                                "backoff", tier.name, h.last_error)
             return default
-        if h.backoff:
+        if h.backoff:  # the engine, loader and store threads all call tiers: one of them reports
             with self._lock:
+                failures, h.failures = h.failures, 0
                 h.backoff, h.down_until = 0.0, 0.0
-            logger.warning("kvstore tier %s is back after %d failed attempts", tier.name, h.failures)
-            h.failures = 0
+            if failures:
+                logger.warning("kvstore tier %s is back after %d failed attempts", tier.name, failures)
         return out
 
     def healthy(self, i: int) -> bool:

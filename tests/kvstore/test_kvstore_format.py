@@ -72,3 +72,16 @@ def test_keys_are_stable_across_processes():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout.strip()
     assert out == KeySpace("fp", "bfloat16", "g", 4, "s").chunk_keys(list(range(8)))[1].hex()
+
+
+def test_request_cache_salt_keys_the_chain():
+    toks = list(range(100, 112))
+    plain = _ks().chunk_keys(toks)
+    assert _ks().chunk_keys(toks, cache_salt=None) == plain  # no request salt: keys as before
+    a, b = _ks().chunk_keys(toks, cache_salt="a"), _ks().chunk_keys(toks, cache_salt="b")
+    assert a == _ks().chunk_keys(toks, cache_salt="a")
+    assert len({a[0], b[0], plain[0]}) == 3 and a[2] != b[2]
+    # The engine-wide salt and the request salt are distinct fields: neither stands in for the other.
+    assert _ks(salt="a").chunk_keys(toks) != a
+    assert _ks(salt="a").chunk_keys(toks, cache_salt="b") not in (a, b, _ks(salt="b").chunk_keys(toks, cache_salt="a"))
+    assert _ks().chunk_keys(toks, 1, a[0], cache_salt="ignored") == a[1:]  # extending a salted chain
