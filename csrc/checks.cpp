@@ -242,6 +242,36 @@ void check_rotary_embedding(const at::Tensor& positions, const at::Tensor& query
   check_same_device(cos_sin_cache, query, op, "cos_sin_cache", "query");
 }
 
+void check_linear_amx(const at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
+                      const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "linear_amx";
+  TORCH_CHECK(input.dim() == 2 && out.dim() == 2 && packed.dim() == 5, op,
+              ": input must be [M, K], out [M, N] and packed [ceil(N/32), ceil(K/32), 2, 16, 32], "
+              "got shapes ", input.sym_sizes(), ", ", out.sym_sizes(), ", ", packed.sym_sizes());
+  TORCH_CHECK(input.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16 &&
+                  packed.scalar_type() == at::kBFloat16,
+              op, ": input, out and packed must be bfloat16, got ", input.scalar_type(), ", ",
+              out.scalar_type(), ", ", packed.scalar_type());
+  TORCH_SYM_CHECK(out.sym_size(0).sym_eq(input.sym_size(0)), op, ": out has ", out.sym_size(0),
+                  " rows but input has ", input.sym_size(0));
+  TORCH_SYM_CHECK(packed.sym_size(0).sym_eq((out.sym_size(1) + 31) / 32) &
+                      packed.sym_size(1).sym_eq((input.sym_size(1) + 31) / 32) &
+                      packed.sym_size(2).sym_eq(2) & packed.sym_size(3).sym_eq(16) &
+                      packed.sym_size(4).sym_eq(32),
+                  op, ": packed ", packed.sym_sizes(), " is not the packing of a [N, K] = [",
+                  out.sym_size(1), ", ", input.sym_size(1), "] weight (expected [",
+                  (out.sym_size(1) + 31) / 32, ", ", (input.sym_size(1) + 31) / 32, ", 2, 16, 32])");
+  check_same_device(input, out, op, "input", "out");
+  check_same_device(packed, out, op, "packed", "out");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->scalar_type() == at::kBFloat16, op,
+                ": bias must be bfloat16 [N], got ", bias->scalar_type(), " ", bias->sym_sizes());
+    TORCH_SYM_CHECK(bias->sym_size(0).sym_eq(out.sym_size(1)), op, ": bias has ",
+                    bias->sym_size(0), " entries but out has ", out.sym_size(1), " columns");
+    check_same_device(*bias, out, op, "bias", "out");
+  }
+}
+
 void check_contiguous(const at::Tensor& t, const char* op, const char* arg) {
   TORCH_CHECK(t.is_contiguous(), op, ": ", arg, " must be contiguous (got strides ",
               t.strides(), " for shape ", t.sizes(), ")");

@@ -27,6 +27,11 @@ void check_rms_norm(const at::Tensor& out, const at::Tensor& input, const at::Te
 void check_silu_and_mul(const at::Tensor& out, const at::Tensor& input);
 void check_rotary_embedding(const at::Tensor& positions, const at::Tensor& query,
                             const at::Tensor& key, const at::Tensor& cos_sin_cache);
+void check_linear_amx(const at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
+                      const std::optional<at::Tensor>& bias);
+
+// Whether this CPU and OS run the AMX-BF16 linear kernel (csrc/cpu/linear_amx.cpp).
+bool amx_available();
 
 // Layout checks for the real kernels: caches are written by flat block/slot offsets, so they
 // must be contiguous; K/V rows may be strided (slices of a fused QKV output) but each head's

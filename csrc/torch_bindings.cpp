@@ -56,6 +56,11 @@ void rotary_embedding_meta(const at::Tensor& positions, at::Tensor& query, at::T
   check_rotary_embedding(positions, query, key, cos_sin_cache);
 }
 
+void linear_amx_meta(at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
+                     const std::optional<at::Tensor>& bias) {
+  check_linear_amx(out, input, packed, bias);
+}
+
 }  // namespace
 }  // namespace opdisagg
 
@@ -90,6 +95,11 @@ TORCH_LIBRARY(opdisagg, m) {
   m.def(
       "rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos_sin_cache,"
       " bool is_neox) -> ()");
+  // out [M, N] = input [M, K] @ W^T (+ bias), bf16, W prepacked for AMX tiles into
+  // [ceil(N/32), ceil(K/32), 2, 16, 32] (see csrc/cpu/linear_amx.cpp). CPU with AMX-BF16 only.
+  m.def("linear_amx(Tensor(a!) out, Tensor input, Tensor packed, Tensor? bias) -> ()");
+  // Whether linear_amx can run here (CPU flags, OS permission, OPDISAGG_AMX != 0).
+  m.def("amx_available() -> bool", &opdisagg::amx_available);
 }
 
 TORCH_LIBRARY_IMPL(opdisagg, Meta, m) {
@@ -101,6 +111,7 @@ TORCH_LIBRARY_IMPL(opdisagg, Meta, m) {
   m.impl("rms_norm", &opdisagg::rms_norm_meta);
   m.impl("silu_and_mul", &opdisagg::silu_and_mul_meta);
   m.impl("rotary_embedding", &opdisagg::rotary_embedding_meta);
+  m.impl("linear_amx", &opdisagg::linear_amx_meta);
 }
 
 // A bare module: importing opdisagg_rt._C runs the static registrations above; Python reaches

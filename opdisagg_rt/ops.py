@@ -31,6 +31,7 @@ _paged_attention = _ops.paged_attention.default
 _rms_norm = _ops.rms_norm.default
 _silu_and_mul = _ops.silu_and_mul.default
 _rotary_embedding = _ops.rotary_embedding.default
+_linear_amx = _ops.linear_amx.default
 
 __all__ = [
     "copy_blocks",
@@ -127,6 +128,36 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     ``(i, i + rotary_dim/2)`` (Llama's rotate_half), else ``(2i, 2i+1)`` (GPT-J). Rows may be
     strided (views of a fused QKV output); each head vector must be dense."""
     _rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
+
+
+def amx_available() -> bool:
+    """Whether :func:`linear_amx` runs here (AMX-BF16 CPU, OS permission, OPDISAGG_AMX != 0)."""
+    return bool(_ops.amx_available())
+
+
+def pack_weight_amx(weight: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` bf16 weight -> ``[ceil(N/32), ceil(K/32), 2, 16, 32]``, zero padded: for each
+    block of 32 output columns and step of 32 inputs, two AMX B tiles (16 input pairs x 16
+    columns, the pair of each column adjacent), 2 KiB contiguous."""
+    if weight.dim() != 2 or weight.dtype != torch.bfloat16:
+        raise ValueError(f"pack_weight_amx: weight must be a 2-D bfloat16 [N, K] tensor, got "
+                         f"{weight.dtype} {tuple(weight.shape)}")
+    n, k = weight.shape
+    nb, kb = -(-n // 32), -(-k // 32)
+    padded = torch.nn.functional.pad(weight, (0, kb * 32 - k, 0, nb * 32 - n))
+    # [nb, t, n16, kb, r, p] -> [nb, kb, t, r, n16, p]
+    tiles = padded.view(nb, 2, 16, kb, 16, 2).permute(0, 3, 1, 4, 2, 5)
+    return tiles.contiguous().view(nb, kb, 2, 16, 32)
+
+
+def linear_amx(input: torch.Tensor, packed: torch.Tensor, out_features: int,
+               bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``input [M, K] @ W.T (+ bias)`` in bf16 with ``W`` packed by :func:`pack_weight_amx`;
+    float32 accumulation, one rounding. Needs :func:`amx_available`."""
+    if out is None:
+        out = torch.empty(input.shape[0], out_features, dtype=input.dtype, device=input.device)
+    _linear_amx(out, input, packed, bias)
+    return out
 
 # ---- references: naive torch indexing ------------------------------------------------------
 

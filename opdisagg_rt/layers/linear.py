@@ -1,8 +1,16 @@
-"""Dense projection with the fastest CPU kernel available for the weight's dtype."""
+"""Dense projection with the fastest CPU kernel available for the weight's dtype and row count."""
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
+
+from opdisagg_rt import ops
+
+# Up to this many rows a bf16 projection streams its weight through the AMX kernel
+# (csrc/cpu/linear_amx.cpp); beyond it oneDNN's blocked GEMM wins (measured: see bench/README).
+AMX_MAX_ROWS = int(os.environ.get("OPDISAGG_AMX_MAX_ROWS", "64"))
 
 
 def _mkldnn_packing_works(weight: torch.Tensor) -> bool:
@@ -16,20 +24,27 @@ def _mkldnn_packing_works(weight: torch.Tensor) -> bool:
 
 
 class Linear:
-    """y = x @ W^T (+ b). On CPUs with bf16 matrix units (AMX/AVX512-BF16) oneDNN is faster when
-    the weight is reordered once into its blocked layout instead of on every call."""
+    """y = x @ W^T (+ b). On CPUs with bf16 matrix units the weight is prepacked once: for
+    oneDNN's blocked GEMM (many rows: prefill) and, with AMX, for the row-streaming kernel
+    (few rows: decode), instead of being reordered on every call."""
 
-    __slots__ = ("bias", "out_features", "packed", "weight")
+    __slots__ = ("amx", "bias", "out_features", "packed", "weight")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight = weight.contiguous()
         self.bias = bias
         self.out_features = weight.shape[0]
-        self.packed = None
-        if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and _mkldnn_packing_works(weight):
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 64)
+        self.packed = self.amx = None
+        if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
+            if _mkldnn_packing_works(weight):
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 64)
+            if AMX_MAX_ROWS > 0 and ops.amx_available() and (bias is None or bias.dtype == torch.bfloat16):
+                self.amx = ops.pack_weight_amx(self.weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.shape[0] > 0:
+        rows = x.shape[0]
+        if self.amx is not None and 0 < rows <= AMX_MAX_ROWS and x.dim() == 2:
+            return ops.linear_amx(x, self.amx, self.out_features, self.bias)
+        if self.packed is not None and rows > 0:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
         return F.linear(x, self.weight, self.bias)

@@ -1,0 +1,211 @@
+// bf16 projections with few rows (decode steps) on Intel AMX: y[M, N] = x[M, K] @ W[N, K]^T.
+//
+// Why not oneDNN: at small M a projection is a stream over its weight, and oneDNN's per-call
+// cost (primitive lookup, scratchpad, an OpenMP region) plus its blocking read the weights at
+// well under the machine's bandwidth, on a decode step made of ~120 such calls. Here the weight
+// is prepacked once into the byte order the tile loads want, so each thread walks a contiguous
+// range of it exactly once while the tile math (16x16 fp32 accumulators, 32 bf16 per step) runs
+// far ahead of memory.
+//
+// Packed layout (made by opdisagg_rt.ops.pack_weight_amx): [Nb, Kb, 2, 16, 32] bf16 with
+// Nb = ceil(N / 32), Kb = ceil(K / 32), zero padded: element [nb, kb, t, r, 2 n + p] =
+// W[32 nb + 16 t + n, 32 kb + 2 r + p]; for each (column block, k step) two B tiles of
+// 16 k-pairs x 16 columns in TDPBF16PS's pair-interleaved order, 2 KiB contiguous.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define OPDISAGG_AMX 1
+#define OPDISAGG_AMX_TARGET \
+  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+#endif
+
+#include "../ops.h"
+
+namespace opdisagg {
+namespace {
+
+constexpr const char* kOp = "linear_amx";
+constexpr int64_t kBlockN = 32, kStepK = 32, kTileRows = 16;
+constexpr int64_t kBlockStepElems = 2 * 16 * 32;  // two B tiles of one (column block, k step)
+// How far ahead (in k steps of 2 KiB) the weight stream is prefetched: enough to cover DRAM
+// latency at this machine's bandwidth; prefetching past the end of the weight is harmless.
+constexpr int64_t kPrefetchSteps = 4;
+
+#if defined(OPDISAGG_AMX)
+// The kernel needs the CPU's AMX-TILE and AMX-BF16 and the OS's permission to use the tile state
+// (Linux makes each process request it). OPDISAGG_AMX=0 in the environment turns it off.
+bool amx_ready_impl() {
+  static const bool ok = [] {
+    const char* e = std::getenv("OPDISAGG_AMX");
+    if (e != nullptr && std::strcmp(e, "0") == 0) return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = (d >> 24) & 1u, bf16 = (d >> 22) & 1u;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return tile && bf16 && syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Tiles 0-3: C (row tile i, column tile j at 2 i + j; fp32 16 x 16); 4-5: A (16 rows x 32 bf16);
+// 6-7: B (16 k-pairs x 16 columns x 2 bf16). Every tile is 16 rows of 64 bytes.
+OPDISAGG_AMX_TARGET void load_tile_config() {
+  TileConfig cfg{};
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+struct Args {
+  const uint16_t* a;       // [Mp, Kp] zero-padded input rows
+  const uint16_t* packed;  // [Nb, Kb, 2, 16, 32]
+  const uint16_t* bias;    // [N] or nullptr
+  uint16_t* out;           // [M, N] with row stride out_stride
+  int64_t M, N, Mp, Kb, out_stride;
+};
+
+// Round to nearest even, as c10::BFloat16 (the values are finite sums of finite products).
+OPDISAGG_AMX_TARGET inline __m256i to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i biased = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(biased, 16));
+}
+
+// C tiles (fp32, rows x 32 columns from `c`, row stride 32) -> bf16 out rows, plus bias.
+OPDISAGG_AMX_TARGET void store_rows(const Args& g, const float* c, int64_t m0, int64_t rows,
+                                    int64_t n0) {
+  const int64_t cols = std::min<int64_t>(kBlockN, g.N - n0);
+  const __mmask32 mask = cols >= 32 ? ~__mmask32{0} : ((__mmask32{1} << cols) - 1);
+  __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+  if (g.bias != nullptr) {
+    const __m512i raw = _mm512_maskz_loadu_epi16(mask, g.bias + n0);
+    b0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
+    b1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 lo = _mm512_add_ps(_mm512_loadu_ps(c + r * 32), b0);
+    const __m512 hi = _mm512_add_ps(_mm512_loadu_ps(c + r * 32 + 16), b1);
+    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16(lo)), to_bf16(hi), 1);
+    _mm512_mask_storeu_epi16(g.out + (m0 + r) * g.out_stride + n0, mask, both);
+  }
+}
+
+// Column blocks [nb0, nb1): for each, every 32-row chunk of A accumulates over all k steps in
+// the tile registers; the block's 2 KiB per k step streams from memory once (later row chunks
+// find it in L1/L2).
+OPDISAGG_AMX_TARGET void run_blocks(const Args& g, int64_t nb0, int64_t nb1) {
+  load_tile_config();
+  alignas(64) float c[2][kTileRows * kBlockN];  // [row tile][16 rows x 32 columns]
+  const int64_t Kp = g.Kb * kStepK, a_stride = Kp * 2;
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const uint16_t* bblock = g.packed + nb * g.Kb * kBlockStepElems;
+    for (int64_t m0 = 0; m0 < g.Mp; m0 += 2 * kTileRows) {
+      const bool two = m0 + kTileRows < g.Mp;
+      const uint16_t* a0 = g.a + m0 * Kp;
+      const uint16_t* a1 = a0 + kTileRows * Kp;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t kb = 0; kb < g.Kb; ++kb) {
+        const uint16_t* b = bblock + kb * kBlockStepElems;
+        if (m0 == 0) {  // first pass over this block: pull the weight stream a few steps ahead
+          const char* ahead = reinterpret_cast<const char*>(b + kPrefetchSteps * kBlockStepElems);
+          for (int line = 0; line < 2 * 1024; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+        }
+        _tile_loadd(6, b, 64);
+        _tile_loadd(7, b + 512, 64);
+        _tile_loadd(4, a0 + kb * kStepK, a_stride);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (two) {
+          _tile_loadd(5, a1 + kb * kStepK, a_stride);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, c[0], 128);
+      _tile_stored(1, c[0] + 16, 128);
+      store_rows(g, c[0], m0, std::min<int64_t>(kTileRows, g.M - m0), nb * kBlockN);
+      if (two && m0 + kTileRows < g.M) {
+        _tile_stored(2, c[1], 128);
+        _tile_stored(3, c[1] + 16, 128);
+        store_rows(g, c[1], m0 + kTileRows, std::min<int64_t>(kTileRows, g.M - m0 - kTileRows),
+                   nb * kBlockN);
+      }
+    }
+  }
+  _tile_release();
+}
+#endif  // OPDISAGG_AMX
+
+}  // namespace
+
+bool amx_available() {
+#if defined(OPDISAGG_AMX)
+  return amx_ready_impl();
+#else
+  return false;
+#endif
+}
+
+namespace {
+
+void linear_amx_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
+                    const std::optional<at::Tensor>& bias) {
+  check_linear_amx(out, input, packed, bias);
+  TORCH_CHECK(amx_available(), kOp,
+              ": this CPU (or OS, or OPDISAGG_AMX=0) does not allow AMX-BF16; check "
+              "torch.ops.opdisagg.amx_available() before calling");
+  TORCH_CHECK(packed.is_contiguous() && out.stride(1) == 1 && input.stride(1) == 1, kOp,
+              ": packed must be contiguous and input/out rows dense, got strides ",
+              packed.strides(), ", ", input.strides(), ", ", out.strides());
+#if defined(OPDISAGG_AMX)
+  const int64_t M = input.size(0), K = input.size(1), N = out.size(1);
+  if (M == 0 || N == 0) return;
+  const int64_t Kb = packed.size(1), Nb = packed.size(0);
+  const int64_t Mp = (M + kTileRows - 1) / kTileRows * kTileRows, Kp = Kb * kStepK;
+  // Zero-padded copy of the input: tile loads read whole 16 x 32 blocks (a few KiB to copy).
+  at::Tensor a = at::zeros({Mp, Kp}, input.options());
+  a.narrow(0, 0, M).narrow(1, 0, K).copy_(input);
+  const auto bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const Args g{static_cast<const uint16_t*>(a.const_data_ptr()),
+               static_cast<const uint16_t*>(packed.const_data_ptr()),
+               bias_c.defined() ? static_cast<const uint16_t*>(bias_c.const_data_ptr()) : nullptr,
+               static_cast<uint16_t*>(out.data_ptr()), M, N, Mp, Kb, out.stride(0)};
+  // Split the column blocks evenly over the threads: each streams its own slice of the weight.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t grain = std::max<int64_t>(2, (Nb + threads - 1) / threads);
+  at::parallel_for(0, Nb, grain, [&](int64_t b, int64_t e) { run_blocks(g, b, e); });
+#endif
+}
+
+}  // namespace
+}  // namespace opdisagg
+
+TORCH_LIBRARY_IMPL(opdisagg, CPU, m) { m.impl("linear_amx", &opdisagg::linear_amx_cpu); }

@@ -1,0 +1,89 @@
+"""The AMX bf16 projection kernel (decode rows) against float32 matmul, and its weight packing.
+
+Tolerance: the kernel accumulates in float32 and rounds once to bf16, so each output is within
+one bf16 rounding (half an ulp, plus float32 summation-order noise) of the float32 reference.
+"""
+
+import pytest
+import torch
+
+from opdisagg_rt import ops
+from opdisagg_rt.layers.linear import Linear
+
+needs_amx = pytest.mark.skipif(not ops.amx_available(), reason="CPU/OS without AMX-BF16")
+
+
+def test_pack_layout_matches_the_documented_formula():
+    n, k = 37, 70
+    w = torch.arange(n * k, dtype=torch.float32).remainder(251).view(n, k).bfloat16()
+    packed = ops.pack_weight_amx(w)
+    assert packed.shape == (2, 3, 2, 16, 32)
+    for nb, kb, t, r, c in [(0, 0, 0, 0, 0), (1, 2, 0, 2, 5), (0, 1, 1, 15, 31), (1, 0, 0, 7, 9)]:
+        col, pair = divmod(c, 2)
+        row, inp = 32 * nb + 16 * t + col, 32 * kb + 2 * r + pair
+        expected = w[row, inp] if row < n and inp < k else 0
+        assert packed[nb, kb, t, r, c] == expected
+
+
+def reference(x, w, b):
+    y = x.float() @ w.float().T
+    return y + b.float() if b is not None else y
+
+
+def assert_within_one_rounding(y, ref):
+    ulp = torch.finfo(torch.bfloat16).eps * ref.abs().clamp_min(1e-30)
+    assert ((y.float() - ref).abs() <= 0.5 * ulp * 1.02 + 1e-5 * ref.abs().max()).all()
+
+
+@needs_amx
+@pytest.mark.parametrize("m", [1, 15, 16, 17, 32, 33, 64])
+@pytest.mark.parametrize("n,k", [(1, 576), (31, 32), (33, 70), (960, 576), (100, 1)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_amx_matches_float32_matmul(m, n, k, with_bias):
+    torch.manual_seed(m * 1000 + n + k)
+    w = (torch.randn(n, k) * 0.1).bfloat16()
+    x = torch.randn(m, k).bfloat16()
+    b = torch.randn(n).bfloat16() if with_bias else None
+    y = ops.linear_amx(x, ops.pack_weight_amx(w), n, b)
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16
+    assert_within_one_rounding(y, reference(x, w, b))
+
+
+@needs_amx
+def test_linear_amx_strided_rows_and_out():
+    w = (torch.randn(64, 96) * 0.1).bfloat16()
+    base = torch.randn(5, 200).bfloat16()
+    x = base[:, 7:103]  # row stride 200
+    out = torch.full((5, 80), 7.0).bfloat16()[:, :64]
+    ops.linear_amx(x, ops.pack_weight_amx(w), 64, out=out)
+    assert_within_one_rounding(out, reference(x, w, None))
+
+
+@needs_amx
+def test_linear_layer_uses_amx_for_few_rows_and_onednn_for_many():
+    w = (torch.randn(300, 128) * 0.1).bfloat16()
+    lin = Linear(w)
+    assert lin.amx is not None
+    for rows in (3, 64, 65, 300):
+        x = torch.randn(rows, 128).bfloat16()
+        assert_within_one_rounding(lin(x), reference(x, w, None))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: ops.linear_amx(torch.randn(2, 64).bfloat16(), torch.zeros(1, 3, 2, 16, 32).bfloat16(), 32),
+     "is not the packing of a"),
+    (lambda: ops.linear_amx(torch.randn(2, 64), torch.zeros(1, 2, 2, 16, 32).bfloat16(), 32), "must be bfloat16"),
+    (lambda: ops.linear_amx(torch.randn(2, 64).bfloat16(), torch.zeros(1, 2, 2, 16, 32).bfloat16(), 32,
+                            bias=torch.zeros(31).bfloat16()), "bias has 31 entries"),
+    (lambda: ops.pack_weight_amx(torch.randn(4, 4)), "must be a 2-D bfloat16"),
+])
+def test_errors_name_the_problem(call, match):
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        call()
+
+
+@needs_amx
+def test_opcheck():
+    w = (torch.randn(40, 48) * 0.1).bfloat16()
+    args = (torch.empty(3, 40).bfloat16(), torch.randn(3, 48).bfloat16(), ops.pack_weight_amx(w), None)
+    torch.library.opcheck(torch.ops.opdisagg.linear_amx.default, args)
