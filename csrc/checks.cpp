@@ -242,25 +242,16 @@ void check_rotary_embedding(const at::Tensor& positions, const at::Tensor& query
   check_same_device(cos_sin_cache, query, op, "cos_sin_cache", "query");
 }
 
-void check_linear_amx(const at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
-                      const std::optional<at::Tensor>& bias) {
-  constexpr const char* op = "linear_amx";
-  TORCH_CHECK(input.dim() == 2 && out.dim() == 2 && packed.dim() == 5, op,
-              ": input must be [M, K], out [M, N] and packed [ceil(N/32), ceil(K/32), 2, 16, 32], "
-              "got shapes ", input.sym_sizes(), ", ", out.sym_sizes(), ", ", packed.sym_sizes());
-  TORCH_CHECK(input.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16 &&
-                  packed.scalar_type() == at::kBFloat16,
-              op, ": input, out and packed must be bfloat16, got ", input.scalar_type(), ", ",
-              out.scalar_type(), ", ", packed.scalar_type());
+namespace {
+// input [M, K] and out [M, N] bf16, optional bias [N] bf16, all on packed's device.
+void check_linear_io(const at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
+                     const std::optional<at::Tensor>& bias, const char* op) {
+  TORCH_CHECK(input.dim() == 2 && out.dim() == 2, op, ": input must be [M, K] and out [M, N], got shapes ",
+              input.sym_sizes(), ", ", out.sym_sizes());
+  TORCH_CHECK(input.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16, op,
+              ": input and out must be bfloat16, got ", input.scalar_type(), ", ", out.scalar_type());
   TORCH_SYM_CHECK(out.sym_size(0).sym_eq(input.sym_size(0)), op, ": out has ", out.sym_size(0),
                   " rows but input has ", input.sym_size(0));
-  TORCH_SYM_CHECK(packed.sym_size(0).sym_eq((out.sym_size(1) + 31) / 32) &
-                      packed.sym_size(1).sym_eq((input.sym_size(1) + 31) / 32) &
-                      packed.sym_size(2).sym_eq(2) & packed.sym_size(3).sym_eq(16) &
-                      packed.sym_size(4).sym_eq(32),
-                  op, ": packed ", packed.sym_sizes(), " is not the packing of a [N, K] = [",
-                  out.sym_size(1), ", ", input.sym_size(1), "] weight (expected [",
-                  (out.sym_size(1) + 31) / 32, ", ", (input.sym_size(1) + 31) / 32, ", 2, 16, 32])");
   check_same_device(input, out, op, "input", "out");
   check_same_device(packed, out, op, "packed", "out");
   if (bias.has_value()) {
@@ -270,6 +261,39 @@ void check_linear_amx(const at::Tensor& out, const at::Tensor& input, const at::
                     bias->sym_size(0), " entries but out has ", out.sym_size(1), " columns");
     check_same_device(*bias, out, op, "bias", "out");
   }
+}
+}  // namespace
+
+void check_linear_amx_q4_1(const at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
+                           const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "linear_amx_q4_1";
+  check_linear_io(out, input, packed, bias, op);
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte, op,
+              ": packed must be uint8 [ceil(N/32), K/32, 640], got ", packed.scalar_type(), " ",
+              packed.sym_sizes());
+  TORCH_SYM_CHECK((input.sym_size(1) % 32).sym_eq(0), op, ": Q4_1 weights need K % 32 == 0, got K = ",
+                  input.sym_size(1));
+  TORCH_SYM_CHECK(packed.sym_size(0).sym_eq((out.sym_size(1) + 31) / 32) &
+                      packed.sym_size(1).sym_eq(input.sym_size(1) / 32) &
+                      packed.sym_size(2).sym_eq(640),
+                  op, ": packed ", packed.sym_sizes(), " is not the Q4_1 packing of a [N, K] = [",
+                  out.sym_size(1), ", ", input.sym_size(1), "] weight");
+}
+
+void check_linear_amx(const at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
+                      const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "linear_amx";
+  check_linear_io(out, input, packed, bias, op);
+  TORCH_CHECK(packed.dim() == 5 && packed.scalar_type() == at::kBFloat16, op,
+              ": packed must be bfloat16 [ceil(N/32), ceil(K/32), 2, 16, 32], got ",
+              packed.scalar_type(), " ", packed.sym_sizes());
+  TORCH_SYM_CHECK(packed.sym_size(0).sym_eq((out.sym_size(1) + 31) / 32) &
+                      packed.sym_size(1).sym_eq((input.sym_size(1) + 31) / 32) &
+                      packed.sym_size(2).sym_eq(2) & packed.sym_size(3).sym_eq(16) &
+                      packed.sym_size(4).sym_eq(32),
+                  op, ": packed ", packed.sym_sizes(), " is not the packing of a [N, K] = [",
+                  out.sym_size(1), ", ", input.sym_size(1), "] weight (expected [",
+                  (out.sym_size(1) + 31) / 32, ", ", (input.sym_size(1) + 31) / 32, ", 2, 16, 32])");
 }
 
 void check_contiguous(const at::Tensor& t, const char* op, const char* arg) {

@@ -29,6 +29,8 @@ void check_rotary_embedding(const at::Tensor& positions, const at::Tensor& query
                             const at::Tensor& key, const at::Tensor& cos_sin_cache);
 void check_linear_amx(const at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
                       const std::optional<at::Tensor>& bias);
+void check_linear_amx_q4_1(const at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
+                           const std::optional<at::Tensor>& bias);
 
 // Whether this CPU and OS run the AMX-BF16 linear kernel (csrc/cpu/linear_amx.cpp).
 bool amx_available();

@@ -61,6 +61,11 @@ void linear_amx_meta(at::Tensor& out, const at::Tensor& input, const at::Tensor&
   check_linear_amx(out, input, packed, bias);
 }
 
+void linear_amx_q4_1_meta(at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
+                          const std::optional<at::Tensor>& bias) {
+  check_linear_amx_q4_1(out, input, packed, bias);
+}
+
 }  // namespace
 }  // namespace opdisagg
 
@@ -98,6 +103,10 @@ TORCH_LIBRARY(opdisagg, m) {
   // out [M, N] = input [M, K] @ W^T (+ bias), bf16, W prepacked for AMX tiles into
   // [ceil(N/32), ceil(K/32), 2, 16, 32] (see csrc/cpu/linear_amx.cpp). CPU with AMX-BF16 only.
   m.def("linear_amx(Tensor(a!) out, Tensor input, Tensor packed, Tensor? bias) -> ()");
+  // The same with a GGUF Q4_1 weight kept 4-bit in memory, packed into uint8
+  // [ceil(N/32), K/32, 640] and expanded to bf16 tile by tile (bit-identical to the loader's
+  // bf16 dequantization).
+  m.def("linear_amx_q4_1(Tensor(a!) out, Tensor input, Tensor packed, Tensor? bias) -> ()");
   // Whether linear_amx can run here (CPU flags, OS permission, OPDISAGG_AMX != 0).
   m.def("amx_available() -> bool", &opdisagg::amx_available);
 }
@@ -112,6 +121,7 @@ TORCH_LIBRARY_IMPL(opdisagg, Meta, m) {
   m.impl("silu_and_mul", &opdisagg::silu_and_mul_meta);
   m.impl("rotary_embedding", &opdisagg::rotary_embedding_meta);
   m.impl("linear_amx", &opdisagg::linear_amx_meta);
+  m.impl("linear_amx_q4_1", &opdisagg::linear_amx_q4_1_meta);
 }
 
 // A bare module: importing opdisagg_rt._C runs the static registrations above; Python reaches

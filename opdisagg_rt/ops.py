@@ -32,6 +32,7 @@ _rms_norm = _ops.rms_norm.default
 _silu_and_mul = _ops.silu_and_mul.default
 _rotary_embedding = _ops.rotary_embedding.default
 _linear_amx = _ops.linear_amx.default
+_linear_amx_q4_1 = _ops.linear_amx_q4_1.default
 
 __all__ = [
     "copy_blocks",
@@ -157,6 +158,49 @@ def linear_amx(input: torch.Tensor, packed: torch.Tensor, out_features: int,
     if out is None:
         out = torch.empty(input.shape[0], out_features, dtype=input.dtype, device=input.device)
     _linear_amx(out, input, packed, bias)
+    return out
+
+
+def pack_weight_amx_q4_1(blocks: torch.Tensor) -> torch.Tensor:
+    """GGUF Q4_1 rows ``uint8 [N, K/32, 20]`` (per block: float16 d, float16 m, 16 bytes of
+    nibbles, element j low / j + 16 high) -> ``uint8 [ceil(N/32), K/32, 640]`` for
+    :func:`linear_amx_q4_1`. Per (32 columns, 32 inputs): 512 bytes of quants ``[t][r][j]``
+    whose low nibble is column ``16t + j//2``, input ``2r + j%2`` and high nibble column
+    ``16t + 8 + j//2``, same input (the order one bf16 conversion emits an AMX B-tile row in),
+    then float16 ``d[t][n]`` and ``m[t][n]``. Padding columns are zero (d = m = 0)."""
+    if blocks.dim() != 3 or blocks.dtype != torch.uint8 or blocks.shape[2] != 20:
+        raise ValueError(f"pack_weight_amx_q4_1: blocks must be uint8 [N, K/32, 20] (GGUF Q4_1), got "
+                         f"{blocks.dtype} {tuple(blocks.shape)}")
+    n, kb = blocks.shape[:2]
+    nb = -(-n // 32)
+    blocks = torch.nn.functional.pad(blocks, (0, 0, 0, 0, 0, nb * 32 - n))
+    qs = blocks[..., 4:]
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1)  # [N, kb, 32] quants in input order
+    # [nb, t, half, c8, kb, r, p] -> [nb, kb, t, r, half, c8, p]: row position 2*c8 + p of each half
+    q = q.view(nb, 2, 2, 8, kb, 16, 2).permute(0, 4, 1, 5, 2, 3, 6).reshape(nb, kb, 2, 16, 2, 16)
+    quants = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(nb, kb, 512)
+    dm = blocks[..., :4].contiguous().view(torch.float16).view(nb, 2, 16, kb, 2)  # [nb, t, n, kb, d|m]
+    scales = dm.permute(0, 3, 1, 4, 2).contiguous().view(torch.uint8).reshape(nb, kb, 128)
+    return torch.cat([quants, scales], dim=-1).contiguous()
+
+
+def dequantize_q4_1(blocks: torch.Tensor) -> torch.Tensor:
+    """GGUF Q4_1 rows ``uint8 [N, K/32, 20]`` -> float32 ``[N, K]`` (``d * q + m``)."""
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float()
+    m = blocks[..., 2:4].contiguous().view(torch.float16).float()
+    qs = blocks[..., 4:]
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).float()
+    return (q * d + m).reshape(blocks.shape[0], -1)
+
+
+def linear_amx_q4_1(input: torch.Tensor, packed: torch.Tensor, out_features: int,
+                    bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`linear_amx` with the weight kept as GGUF Q4_1 (packed by
+    :func:`pack_weight_amx_q4_1`), expanded to bf16 tile by tile: the same bf16 weight values as
+    ``dequantize_q4_1(blocks).bfloat16()``, at under a third of the memory traffic."""
+    if out is None:
+        out = torch.empty(input.shape[0], out_features, dtype=input.dtype, device=input.device)
+    _linear_amx_q4_1(out, input, packed, bias)
     return out
 
 # ---- references: naive torch indexing ------------------------------------------------------

@@ -87,3 +87,60 @@ def test_opcheck():
     w = (torch.randn(40, 48) * 0.1).bfloat16()
     args = (torch.empty(3, 40).bfloat16(), torch.randn(3, 48).bfloat16(), ops.pack_weight_amx(w), None)
     torch.library.opcheck(torch.ops.opdisagg.linear_amx.default, args)
+
+
+# ---- GGUF Q4_1 weights streamed 4-bit ----------------------------------------------------------
+
+def random_q4_1_blocks(n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kb = k // 32
+    d = (torch.rand(n, kb, generator=g) * 0.01 + 1e-4).half()
+    m = (-torch.rand(n, kb, generator=g) * 0.05).half()
+    qs = torch.randint(0, 256, (n, kb, 16), dtype=torch.uint8, generator=g)
+    return torch.cat([d.view(torch.uint8).view(n, kb, 2), m.view(torch.uint8).view(n, kb, 2), qs], -1)
+
+
+def test_dequantize_q4_1_matches_the_gguf_loader():
+    from opdisagg_rt.models.gguf_loader import _q4_1
+    blocks = random_q4_1_blocks(7, 96)
+    expected = torch.from_numpy(_q4_1(blocks.numpy().reshape(-1))).reshape(7, 96)
+    assert torch.equal(ops.dequantize_q4_1(blocks), expected)
+
+
+@needs_amx
+@pytest.mark.parametrize("m", [1, 16, 32, 33, 64])
+@pytest.mark.parametrize("n,k", [(960, 576), (33, 64), (576, 1536), (5, 32)])
+def test_linear_amx_q4_1_is_bit_identical_to_the_bf16_weight(m, n, k):
+    blocks = random_q4_1_blocks(n, k, seed=m + n)
+    dense = ops.dequantize_q4_1(blocks).bfloat16()
+    x = torch.randn(m, k).bfloat16()
+    b = torch.randn(n).bfloat16()
+    y4 = ops.linear_amx_q4_1(x, ops.pack_weight_amx_q4_1(blocks), n, b)
+    assert torch.equal(y4, ops.linear_amx(x, ops.pack_weight_amx(dense), n, b))
+    assert_within_one_rounding(y4, reference(x, dense, b))
+
+
+@needs_amx
+def test_linear_use_q4_1_switches_decode_rows_only():
+    blocks = random_q4_1_blocks(64, 96)
+    dense = ops.dequantize_q4_1(blocks).bfloat16()
+    lin = Linear(dense)
+    lin.use_q4_1(blocks)
+    assert lin.amx_q4_1 is not None and lin.amx is None
+    for rows in (1, 64, 200):
+        x = torch.randn(rows, 96).bfloat16()
+        assert_within_one_rounding(lin(x), reference(x, dense, None))
+    with pytest.raises(ValueError, match="do not match the weight"):
+        Linear(dense).use_q4_1(blocks[:3])
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: ops.pack_weight_amx_q4_1(torch.zeros(4, 2, 18, dtype=torch.uint8)), r"uint8 \[N, K/32, 20\]"),
+    (lambda: ops.linear_amx_q4_1(torch.randn(2, 48).bfloat16(), torch.zeros(1, 1, 640, dtype=torch.uint8), 32),
+     "K % 32 == 0"),
+    (lambda: ops.linear_amx_q4_1(torch.randn(2, 64).bfloat16(), torch.zeros(1, 3, 640, dtype=torch.uint8), 32),
+     "is not the Q4_1 packing"),
+])
+def test_q4_1_errors_name_the_problem(call, match):
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        call()

@@ -21,6 +21,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
 #include <cpuid.h>
@@ -29,7 +31,7 @@
 #include <unistd.h>
 #define OPDISAGG_AMX 1
 #define OPDISAGG_AMX_TARGET \
-  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
 #endif
 
 #include "../ops.h"
@@ -82,7 +84,7 @@ OPDISAGG_AMX_TARGET void load_tile_config() {
 
 struct Args {
   const uint16_t* a;       // [Mp, Kp] zero-padded input rows
-  const uint16_t* packed;  // [Nb, Kb, 2, 16, 32]
+  const void* packed;      // the weight in its source's packed layout
   const uint16_t* bias;    // [N] or nullptr
   uint16_t* out;           // [M, N] with row stride out_stride
   int64_t M, N, Mp, Kb, out_stride;
@@ -115,15 +117,75 @@ OPDISAGG_AMX_TARGET void store_rows(const Args& g, const float* c, int64_t m0, i
   }
 }
 
+// Weight sources: each hands run_blocks one column block as Kb steps of two bf16 B tiles
+// ([kb][t][16][32], 2 KiB per step).
+//
+// Bf16Source: the block sits in the packed weight as is; its stream is prefetched a few steps
+// ahead while the tiles of the current step multiply.
+struct Bf16Source {
+  OPDISAGG_AMX_TARGET const uint16_t* block(const Args& g, int64_t nb, uint16_t* /*scratch*/) const {
+    const uint16_t* b = static_cast<const uint16_t*>(g.packed) + nb * g.Kb * kBlockStepElems;
+    const char* bytes = reinterpret_cast<const char*>(b);
+    const int64_t n = g.Kb * kBlockStepElems * 2;
+    for (int64_t off = 0; off < std::min<int64_t>(n, kPrefetchSteps * 2048); off += 64)
+      _mm_prefetch(bytes + off, _MM_HINT_T0);
+    return b;
+  }
+};
+
+// Q4_1 (GGUF) weights, 0.625 bytes per weight instead of 2: the block is expanded to bf16 in a
+// per-thread buffer (L1/L2) right before its tiles multiply. Packed by ops.pack_weight_amx_q4_1
+// as uint8 [Nb, Kb, 640] per (column block, k step): 512 bytes of quants [t][r][j], then
+// float16 scales d[t][n] and mins m[t][n] of columns 16 t + n. The nibbles of byte j of tile
+// row r are laid out so that one VCVTNE2PS2BF16 emits the tile row in its pair-interleaved
+// order: the low nibble is row position j (column 16 t + j / 2, input 2 r + j % 2), the high
+// nibble position 16 + j (column 16 t + 8 + j / 2, same input). w = d * q + m in float32 (d * q
+// is exact) rounded to nearest even: bit for bit the loader's dequantized bf16 weight.
+constexpr int64_t kQ4StepBytes = 640;
+
+struct Q4_1Source {
+  OPDISAGG_AMX_TARGET const uint16_t* block(const Args& g, int64_t nb, uint16_t* scratch) const {
+    const uint8_t* src = static_cast<const uint8_t*>(g.packed) + nb * g.Kb * kQ4StepBytes;
+    const __m512i low4 = _mm512_set1_epi32(0xf);
+    // Lane j of a row's first half belongs to column j / 2, of its second half to 8 + j / 2.
+    const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+    for (int64_t kb = 0; kb < g.Kb; ++kb) {
+      const uint8_t* step = src + kb * kQ4StepBytes;
+      const char* ahead = reinterpret_cast<const char*>(step + kPrefetchSteps * kQ4StepBytes);
+      for (int line = 0; line < kQ4StepBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+      uint16_t* dst = scratch + kb * kBlockStepElems;
+      const uint16_t* dm = reinterpret_cast<const uint16_t*>(step + 512);
+      for (int t = 0; t < 2; ++t) {
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + 32 * t)));
+        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + 32 * t + 16)));
+        const __m512 d0 = _mm512_permutexvar_ps(first, d), d1 = _mm512_permutexvar_ps(second, d);
+        const __m512 m0 = _mm512_permutexvar_ps(first, m), m1 = _mm512_permutexvar_ps(second, m);
+        for (int r = 0; r < 16; ++r) {
+          const __m512i q = _mm512_cvtepu8_epi32(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(step + t * 256 + r * 16)));
+          const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low4)), d0, m0);
+          const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), d1, m1);
+          _mm512_storeu_si512(dst + t * 512 + r * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+      }
+    }
+    return scratch;
+  }
+};
+
 // Column blocks [nb0, nb1): for each, every 32-row chunk of A accumulates over all k steps in
-// the tile registers; the block's 2 KiB per k step streams from memory once (later row chunks
-// find it in L1/L2).
-OPDISAGG_AMX_TARGET void run_blocks(const Args& g, int64_t nb0, int64_t nb1) {
+// the tile registers (the block's tiles are read from memory once; later row chunks find them
+// in L1/L2).
+template <class Source>
+OPDISAGG_AMX_TARGET void run_blocks(const Args& g, const Source& source, int64_t nb0, int64_t nb1) {
   load_tile_config();
   alignas(64) float c[2][kTileRows * kBlockN];  // [row tile][16 rows x 32 columns]
+  thread_local std::vector<uint16_t> scratch;
+  if (int64_t(scratch.size()) < g.Kb * kBlockStepElems) scratch.resize(g.Kb * kBlockStepElems);
   const int64_t Kp = g.Kb * kStepK, a_stride = Kp * 2;
   for (int64_t nb = nb0; nb < nb1; ++nb) {
-    const uint16_t* bblock = g.packed + nb * g.Kb * kBlockStepElems;
+    const uint16_t* bblock = source.block(g, nb, scratch.data());
     for (int64_t m0 = 0; m0 < g.Mp; m0 += 2 * kTileRows) {
       const bool two = m0 + kTileRows < g.Mp;
       const uint16_t* a0 = g.a + m0 * Kp;
@@ -134,7 +196,7 @@ OPDISAGG_AMX_TARGET void run_blocks(const Args& g, int64_t nb0, int64_t nb1) {
       _tile_zero(3);
       for (int64_t kb = 0; kb < g.Kb; ++kb) {
         const uint16_t* b = bblock + kb * kBlockStepElems;
-        if (m0 == 0) {  // first pass over this block: pull the weight stream a few steps ahead
+        if (m0 == 0 && std::is_same_v<Source, Bf16Source>) {  // keep the weight stream ahead
           const char* ahead = reinterpret_cast<const char*>(b + kPrefetchSteps * kBlockStepElems);
           for (int line = 0; line < 2 * 1024; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
         }
@@ -176,15 +238,17 @@ bool amx_available() {
 
 namespace {
 
-void linear_amx_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
-                    const std::optional<at::Tensor>& bias) {
-  check_linear_amx(out, input, packed, bias);
-  TORCH_CHECK(amx_available(), kOp,
+// Shared host side of both weight formats: checks, the zero-padded input copy, the split of
+// column blocks over threads.
+template <class Source>
+void linear_amx_run(at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
+                    const std::optional<at::Tensor>& bias, const char* op) {
+  TORCH_CHECK(amx_available(), op,
               ": this CPU (or OS, or OPDISAGG_AMX=0) does not allow AMX-BF16; check "
               "torch.ops.opdisagg.amx_available() before calling");
-  TORCH_CHECK(packed.is_contiguous() && out.stride(1) == 1 && input.stride(1) == 1, kOp,
-              ": packed must be contiguous and input/out rows dense, got strides ",
-              packed.strides(), ", ", input.strides(), ", ", out.strides());
+  TORCH_CHECK(packed.is_contiguous() && out.stride(1) == 1, op,
+              ": packed must be contiguous and out rows dense, got strides ", packed.strides(),
+              ", ", out.strides());
 #if defined(OPDISAGG_AMX)
   const int64_t M = input.size(0), K = input.size(1), N = out.size(1);
   if (M == 0 || N == 0) return;
@@ -194,18 +258,41 @@ void linear_amx_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& 
   at::Tensor a = at::zeros({Mp, Kp}, input.options());
   a.narrow(0, 0, M).narrow(1, 0, K).copy_(input);
   const auto bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const Args g{static_cast<const uint16_t*>(a.const_data_ptr()),
-               static_cast<const uint16_t*>(packed.const_data_ptr()),
+  const Args g{static_cast<const uint16_t*>(a.const_data_ptr()), packed.const_data_ptr(),
                bias_c.defined() ? static_cast<const uint16_t*>(bias_c.const_data_ptr()) : nullptr,
                static_cast<uint16_t*>(out.data_ptr()), M, N, Mp, Kb, out.stride(0)};
   // Split the column blocks evenly over the threads: each streams its own slice of the weight.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t grain = std::max<int64_t>(2, (Nb + threads - 1) / threads);
-  at::parallel_for(0, Nb, grain, [&](int64_t b, int64_t e) { run_blocks(g, b, e); });
+  const Source source{};
+  at::parallel_for(0, Nb, grain, [&](int64_t b, int64_t e) { run_blocks(g, source, b, e); });
+#endif
+}
+
+void linear_amx_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
+                    const std::optional<at::Tensor>& bias) {
+  check_linear_amx(out, input, packed, bias);
+#if defined(OPDISAGG_AMX)
+  linear_amx_run<Bf16Source>(out, input, packed, bias, kOp);
+#else
+  linear_amx_run<int>(out, input, packed, bias, kOp);
+#endif
+}
+
+void linear_amx_q4_1_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
+                         const std::optional<at::Tensor>& bias) {
+  check_linear_amx_q4_1(out, input, packed, bias);
+#if defined(OPDISAGG_AMX)
+  linear_amx_run<Q4_1Source>(out, input, packed, bias, "linear_amx_q4_1");
+#else
+  linear_amx_run<int>(out, input, packed, bias, "linear_amx_q4_1");
 #endif
 }
 
 }  // namespace
 }  // namespace opdisagg
 
-TORCH_LIBRARY_IMPL(opdisagg, CPU, m) { m.impl("linear_amx", &opdisagg::linear_amx_cpu); }
+TORCH_LIBRARY_IMPL(opdisagg, CPU, m) {
+  m.impl("linear_amx", &opdisagg::linear_amx_cpu);
+  m.impl("linear_amx_q4_1", &opdisagg::linear_amx_q4_1_cpu);
+}

@@ -134,6 +134,14 @@ class GGUFFile:
         self._pos += count * dtype.itemsize
         return arr.tolist()
 
+    def q4_1_blocks(self, name: str) -> torch.Tensor | None:
+        """A 2-D Q4_1 tensor's raw blocks as uint8 [rows, cols / 32, 20] (a copy), else None."""
+        t = self.tensors[name]
+        if t.qtype != GGMLQuantizationType.Q4_1 or len(t.shape) != 2:
+            return None
+        raw = np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=t.offset)
+        return torch.from_numpy(raw.reshape(t.shape[0], t.shape[1] // 32, 20).copy())
+
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor dequantized to float32 (a fresh copy, independent of the mmap)."""
         t = self.tensors[name]
@@ -298,8 +306,13 @@ def gguf_config(g: GGUFFile) -> ModelConfig:
     return cfg
 
 
+# Key suffix under which load_gguf also returns a weight's raw GGUF Q4_1 blocks.
+Q4_1_SUFFIX = ".q4_1"
+
+
 def load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
-    """Config, float32 weights under transformers names (Q/K un-permuted), and tokenizer."""
+    """Config, float32 weights under transformers names (Q/K un-permuted), and tokenizer. Q4_1
+    matrices also appear in their 4-bit form, uint8 blocks under `name + Q4_1_SUFFIX`."""
     g = GGUFFile(path)
     config = gguf_config(g)
     weights: dict[str, torch.Tensor] = {}
@@ -315,7 +328,11 @@ def load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenize
         heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
         n_head = heads.get(name.split(".")[2] if name.startswith("blk.") else "")
         # a wrongly shaped Q/K is left as it is: load_model's shape check names it
+        blocks = g.q4_1_blocks(name)
         if n_head and w.shape[0] == n_head * config.head_dim:
             w = unpermute_rows(w, n_head)
+            blocks = unpermute_rows(blocks, n_head) if blocks is not None else None
         weights[target] = w
+        if blocks is not None:  # the 4-bit form too: bf16 decode GEMMs stream it (Linear.use_q4_1)
+            weights[target + Q4_1_SUFFIX] = blocks
     return config, weights, Tokenizer.from_gguf_metadata(g.metadata, source=path)

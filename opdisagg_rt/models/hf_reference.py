@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from opdisagg_rt.models.gguf_loader import Q4_1_SUFFIX
+
 
 def hf_model_from_loaded(loaded, dtype: torch.dtype = torch.float32):
     import transformers
@@ -18,7 +20,8 @@ def hf_model_from_loaded(loaded, dtype: torch.dtype = torch.float32):
         max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
         attention_bias="model.layers.0.self_attn.q_proj.bias" in loaded.weights)
     model = transformers.LlamaForCausalLM(hf_cfg).eval()
-    missing, unexpected = model.load_state_dict(loaded.weights, strict=False)
+    dense = {k: v for k, v in loaded.weights.items() if not k.endswith(Q4_1_SUFFIX)}
+    missing, unexpected = model.load_state_dict(dense, strict=False)
     allowed = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     if unexpected or set(missing) - allowed:
         raise ValueError(f"HF reference: missing {sorted(set(missing) - allowed)}, unexpected {sorted(unexpected)}")
