@@ -264,19 +264,18 @@ void check_linear_io(const at::Tensor& out, const at::Tensor& input, const at::T
 }
 }  // namespace
 
-void check_linear_amx_q4_1(const at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
-                           const std::optional<at::Tensor>& bias) {
-  constexpr const char* op = "linear_amx_q4_1";
+void check_linear_amx_gguf(const at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
+                           const std::optional<at::Tensor>& bias, const char* op, int64_t step_bytes) {
   check_linear_io(out, input, packed, bias, op);
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte, op,
-              ": packed must be uint8 [ceil(N/32), K/32, 640], got ", packed.scalar_type(), " ",
-              packed.sym_sizes());
-  TORCH_SYM_CHECK((input.sym_size(1) % 32).sym_eq(0), op, ": Q4_1 weights need K % 32 == 0, got K = ",
-                  input.sym_size(1));
+              ": packed must be uint8 [ceil(N/32), K/32, ", step_bytes, "], got ",
+              packed.scalar_type(), " ", packed.sym_sizes());
+  TORCH_SYM_CHECK((input.sym_size(1) % 32).sym_eq(0), op,
+                  ": GGUF block weights need K % 32 == 0, got K = ", input.sym_size(1));
   TORCH_SYM_CHECK(packed.sym_size(0).sym_eq((out.sym_size(1) + 31) / 32) &
                       packed.sym_size(1).sym_eq(input.sym_size(1) / 32) &
-                      packed.sym_size(2).sym_eq(640),
-                  op, ": packed ", packed.sym_sizes(), " is not the Q4_1 packing of a [N, K] = [",
+                      packed.sym_size(2).sym_eq(step_bytes),
+                  op, ": packed ", packed.sym_sizes(), " is not the packing of a [N, K] = [",
                   out.sym_size(1), ", ", input.sym_size(1), "] weight");
 }
 

@@ -63,7 +63,12 @@ void linear_amx_meta(at::Tensor& out, const at::Tensor& input, const at::Tensor&
 
 void linear_amx_q4_1_meta(at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
                           const std::optional<at::Tensor>& bias) {
-  check_linear_amx_q4_1(out, input, packed, bias);
+  check_linear_amx_gguf(out, input, packed, bias, "linear_amx_q4_1", 640);
+}
+
+void linear_amx_q8_0_meta(at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
+                          const std::optional<at::Tensor>& bias) {
+  check_linear_amx_gguf(out, input, packed, bias, "linear_amx_q8_0", 1088);
 }
 
 }  // namespace
@@ -107,6 +112,8 @@ TORCH_LIBRARY(opdisagg, m) {
   // [ceil(N/32), K/32, 640] and expanded to bf16 tile by tile (bit-identical to the loader's
   // bf16 dequantization).
   m.def("linear_amx_q4_1(Tensor(a!) out, Tensor input, Tensor packed, Tensor? bias) -> ()");
+  // ... and a GGUF Q8_0 weight, packed into uint8 [ceil(N/32), K/32, 1088].
+  m.def("linear_amx_q8_0(Tensor(a!) out, Tensor input, Tensor packed, Tensor? bias) -> ()");
   // Whether linear_amx can run here (CPU flags, OS permission, OPDISAGG_AMX != 0).
   m.def("amx_available() -> bool", &opdisagg::amx_available);
 }
@@ -122,6 +129,7 @@ TORCH_LIBRARY_IMPL(opdisagg, Meta, m) {
   m.impl("rotary_embedding", &opdisagg::rotary_embedding_meta);
   m.impl("linear_amx", &opdisagg::linear_amx_meta);
   m.impl("linear_amx_q4_1", &opdisagg::linear_amx_q4_1_meta);
+  m.impl("linear_amx_q8_0", &opdisagg::linear_amx_q8_0_meta);
 }
 
 // A bare module: importing opdisagg_rt._C runs the static registrations above; Python reaches

@@ -33,6 +33,7 @@ _silu_and_mul = _ops.silu_and_mul.default
 _rotary_embedding = _ops.rotary_embedding.default
 _linear_amx = _ops.linear_amx.default
 _linear_amx_q4_1 = _ops.linear_amx_q4_1.default
+_linear_amx_q8_0 = _ops.linear_amx_q8_0.default
 
 __all__ = [
     "copy_blocks",
@@ -201,6 +202,42 @@ def linear_amx_q4_1(input: torch.Tensor, packed: torch.Tensor, out_features: int
     if out is None:
         out = torch.empty(input.shape[0], out_features, dtype=input.dtype, device=input.device)
     _linear_amx_q4_1(out, input, packed, bias)
+    return out
+
+
+def pack_weight_amx_q8_0(blocks: torch.Tensor) -> torch.Tensor:
+    """GGUF Q8_0 rows ``uint8 [N, K/32, 34]`` (per block: float16 d, 32 int8) -> ``uint8
+    [ceil(N/32), K/32, 1088]`` for :func:`linear_amx_q8_0`: per (32 columns, 32 inputs) 1024
+    int8 quants ``[t][r][j]`` (position j < 16: column ``16t + j//2``; j >= 16: column
+    ``16t + 8 + (j-16)//2``; input ``2r + j%2``), then float16 ``d[t][n]``."""
+    if blocks.dim() != 3 or blocks.dtype != torch.uint8 or blocks.shape[2] != 34:
+        raise ValueError(f"pack_weight_amx_q8_0: blocks must be uint8 [N, K/32, 34] (GGUF Q8_0), got "
+                         f"{blocks.dtype} {tuple(blocks.shape)}")
+    n, kb = blocks.shape[:2]
+    nb = -(-n // 32)
+    blocks = torch.nn.functional.pad(blocks, (0, 0, 0, 0, 0, nb * 32 - n))
+    q = blocks[..., 2:]  # [N, kb, 32] int8 bytes in input order
+    # [nb, t, half, c8, kb, r, p] -> [nb, kb, t, r, half, c8, p]
+    quants = q.reshape(nb, 2, 2, 8, kb, 16, 2).permute(0, 4, 1, 5, 2, 3, 6).reshape(nb, kb, 1024)
+    d = blocks[..., :2].contiguous().view(torch.float16).view(nb, 2, 16, kb)  # [nb, t, n, kb]
+    scales = d.permute(0, 3, 1, 2).contiguous().view(torch.uint8).reshape(nb, kb, 64)
+    return torch.cat([quants, scales], dim=-1).contiguous()
+
+
+def dequantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:
+    """GGUF Q8_0 rows ``uint8 [N, K/32, 34]`` -> float32 ``[N, K]`` (``d * q``)."""
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float()
+    q = blocks[..., 2:].contiguous().view(torch.int8).float()
+    return (q * d).reshape(blocks.shape[0], -1)
+
+
+def linear_amx_q8_0(input: torch.Tensor, packed: torch.Tensor, out_features: int,
+                    bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`linear_amx` with the weight kept as GGUF Q8_0 (see :func:`pack_weight_amx_q8_0`),
+    expanded tile by tile to the bf16 values of ``dequantize_q8_0(blocks).bfloat16()``."""
+    if out is None:
+        out = torch.empty(input.shape[0], out_features, dtype=input.dtype, device=input.device)
+    _linear_amx_q8_0(out, input, packed, bias)
     return out
 
 # ---- references: naive torch indexing ------------------------------------------------------

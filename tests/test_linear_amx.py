@@ -121,17 +121,17 @@ def test_linear_amx_q4_1_is_bit_identical_to_the_bf16_weight(m, n, k):
 
 
 @needs_amx
-def test_linear_use_q4_1_switches_decode_rows_only():
+def test_linear_use_gguf_switches_decode_rows_only():
     blocks = random_q4_1_blocks(64, 96)
     dense = ops.dequantize_q4_1(blocks).bfloat16()
     lin = Linear(dense)
-    lin.use_q4_1(blocks)
-    assert lin.amx_q4_1 is not None and lin.amx is None
+    lin.use_gguf(("q4_1", blocks))
+    assert lin.amx_gguf is not None and lin.amx is None
     for rows in (1, 64, 200):
         x = torch.randn(rows, 96).bfloat16()
         assert_within_one_rounding(lin(x), reference(x, dense, None))
     with pytest.raises(ValueError, match="do not match the weight"):
-        Linear(dense).use_q4_1(blocks[:3])
+        Linear(dense).use_gguf(("q4_1", blocks[:3]))
 
 
 @pytest.mark.parametrize("call,match", [
@@ -139,8 +139,34 @@ def test_linear_use_q4_1_switches_decode_rows_only():
     (lambda: ops.linear_amx_q4_1(torch.randn(2, 48).bfloat16(), torch.zeros(1, 1, 640, dtype=torch.uint8), 32),
      "K % 32 == 0"),
     (lambda: ops.linear_amx_q4_1(torch.randn(2, 64).bfloat16(), torch.zeros(1, 3, 640, dtype=torch.uint8), 32),
-     "is not the Q4_1 packing"),
+     "is not the packing of a"),
 ])
 def test_q4_1_errors_name_the_problem(call, match):
     with pytest.raises((RuntimeError, ValueError), match=match):
         call()
+
+
+def random_q8_0_blocks(n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kb = k // 32
+    d = (torch.rand(n, kb, generator=g) * 0.01 + 1e-4).half()
+    qs = torch.randint(-128, 128, (n, kb, 32), dtype=torch.int8, generator=g)
+    return torch.cat([d.view(torch.uint8).view(n, kb, 2), qs.view(torch.uint8)], -1)
+
+
+def test_dequantize_q8_0_matches_the_gguf_loader():
+    from opdisagg_rt.models.gguf_loader import _q8_0
+    blocks = random_q8_0_blocks(5, 64)
+    expected = torch.from_numpy(_q8_0(blocks.numpy().reshape(-1))).reshape(5, 64)
+    assert torch.equal(ops.dequantize_q8_0(blocks), expected)
+
+
+@needs_amx
+@pytest.mark.parametrize("m", [1, 32, 33])
+@pytest.mark.parametrize("n,k", [(1000, 576), (33, 64), (5, 32)])
+def test_linear_amx_q8_0_is_bit_identical_to_the_bf16_weight(m, n, k):
+    blocks = random_q8_0_blocks(n, k, seed=m + n)
+    dense = ops.dequantize_q8_0(blocks).bfloat16()
+    x = torch.randn(m, k).bfloat16()
+    y8 = ops.linear_amx_q8_0(x, ops.pack_weight_amx_q8_0(blocks), n)
+    assert torch.equal(y8, ops.linear_amx(x, ops.pack_weight_amx(dense), n))

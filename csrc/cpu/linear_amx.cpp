@@ -45,6 +45,8 @@ constexpr int64_t kBlockStepElems = 2 * 16 * 32;  // two B tiles of one (column 
 // How far ahead (in k steps of 2 KiB) the weight stream is prefetched: enough to cover DRAM
 // latency at this machine's bandwidth; prefetching past the end of the weight is harmless.
 constexpr int64_t kPrefetchSteps = 4;
+// Bytes per (column block, k step) of the GGUF packings (also known to the checks off AMX builds).
+constexpr int64_t kQ4StepBytesHost = 640, kQ8StepBytesHost = 1088;
 
 #if defined(OPDISAGG_AMX)
 // The kernel needs the CPU's AMX-TILE and AMX-BF16 and the OS's permission to use the tile state
@@ -174,6 +176,40 @@ struct Q4_1Source {
   }
 };
 
+// Q8_0 (GGUF) weights, 1.06 bytes per weight: packed by ops.pack_weight_amx_q8_0 as uint8
+// [Nb, Kb, 1088] per (column block, k step): 1024 int8 quants [t][r][j], position j of tile
+// row r being column 16 t + j / 2 (j < 16) or 16 t + 8 + (j - 16) / 2, input 2 r + j % 2; then
+// float16 scales d[t][n]. w = d * q in float32 (exact) rounded to nearest even, as the loader.
+constexpr int64_t kQ8StepBytes = 1088;
+
+struct Q8_0Source {
+  OPDISAGG_AMX_TARGET const uint16_t* block(const Args& g, int64_t nb, uint16_t* scratch) const {
+    const uint8_t* src = static_cast<const uint8_t*>(g.packed) + nb * g.Kb * kQ8StepBytes;
+    const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+    for (int64_t kb = 0; kb < g.Kb; ++kb) {
+      const uint8_t* step = src + kb * kQ8StepBytes;
+      const char* ahead = reinterpret_cast<const char*>(step + kPrefetchSteps * kQ8StepBytes);
+      for (int line = 0; line < kQ8StepBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+      uint16_t* dst = scratch + kb * kBlockStepElems;
+      const uint16_t* ds = reinterpret_cast<const uint16_t*>(step + 1024);
+      for (int t = 0; t < 2; ++t) {
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ds + 16 * t)));
+        const __m512 d0 = _mm512_permutexvar_ps(first, d), d1 = _mm512_permutexvar_ps(second, d);
+        for (int r = 0; r < 16; ++r) {
+          const int8_t* q = reinterpret_cast<const int8_t*>(step + t * 512 + r * 32);
+          const __m512 lo = _mm512_mul_ps(
+              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)))), d0);
+          const __m512 hi = _mm512_mul_ps(
+              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)))), d1);
+          _mm512_storeu_si512(dst + t * 512 + r * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+      }
+    }
+    return scratch;
+  }
+};
+
 // Column blocks [nb0, nb1): for each, every 32-row chunk of A accumulates over all k steps in
 // the tile registers (the block's tiles are read from memory once; later row chunks find them
 // in L1/L2).
@@ -279,9 +315,19 @@ void linear_amx_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& 
 #endif
 }
 
+void linear_amx_q8_0_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
+                         const std::optional<at::Tensor>& bias) {
+  check_linear_amx_gguf(out, input, packed, bias, "linear_amx_q8_0", kQ8StepBytesHost);
+#if defined(OPDISAGG_AMX)
+  linear_amx_run<Q8_0Source>(out, input, packed, bias, "linear_amx_q8_0");
+#else
+  linear_amx_run<int>(out, input, packed, bias, "linear_amx_q8_0");
+#endif
+}
+
 void linear_amx_q4_1_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
                          const std::optional<at::Tensor>& bias) {
-  check_linear_amx_q4_1(out, input, packed, bias);
+  check_linear_amx_gguf(out, input, packed, bias, "linear_amx_q4_1", kQ4StepBytesHost);
 #if defined(OPDISAGG_AMX)
   linear_amx_run<Q4_1Source>(out, input, packed, bias, "linear_amx_q4_1");
 #else
@@ -295,4 +341,5 @@ void linear_amx_q4_1_cpu(at::Tensor& out, const at::Tensor& input, const at::Ten
 TORCH_LIBRARY_IMPL(opdisagg, CPU, m) {
   m.impl("linear_amx", &opdisagg::linear_amx_cpu);
   m.impl("linear_amx_q4_1", &opdisagg::linear_amx_q4_1_cpu);
+  m.impl("linear_amx_q8_0", &opdisagg::linear_amx_q8_0_cpu);
 }

@@ -13,6 +13,11 @@ from opdisagg_rt import ops
 AMX_MAX_ROWS = int(os.environ.get("OPDISAGG_AMX_MAX_ROWS", "64"))
 
 
+# GGUF block kind -> (packing, kernel, bytes per 32-weight block).
+_GGUF_KERNELS = {"q4_1": (ops.pack_weight_amx_q4_1, ops.linear_amx_q4_1, 20),
+                 "q8_0": (ops.pack_weight_amx_q8_0, ops.linear_amx_q8_0, 34)}
+
+
 def _mkldnn_packing_works(weight: torch.Tensor) -> bool:
     try:
         x = torch.zeros(2, weight.shape[1], dtype=weight.dtype)
@@ -28,35 +33,38 @@ class Linear:
     oneDNN's blocked GEMM (many rows: prefill) and, with AMX, for the row-streaming kernel
     (few rows: decode), instead of being reordered on every call."""
 
-    __slots__ = ("amx", "amx_q4_1", "bias", "out_features", "packed", "weight")
+    __slots__ = ("amx", "amx_gguf", "bias", "out_features", "packed", "weight")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight = weight.contiguous()
         self.bias = bias
         self.out_features = weight.shape[0]
-        self.packed = self.amx = self.amx_q4_1 = None
+        self.packed = self.amx = self.amx_gguf = None
         if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
             if _mkldnn_packing_works(weight):
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 64)
             if AMX_MAX_ROWS > 0 and ops.amx_available() and (bias is None or bias.dtype == torch.bfloat16):
                 self.amx = ops.pack_weight_amx(self.weight)
 
-    def use_q4_1(self, blocks: torch.Tensor | None) -> None:
-        """Stream the weight in its GGUF Q4_1 form (uint8 [N, K/32, 20] blocks whose bf16
-        dequantization is `self.weight`) in the AMX kernel: the same bf16 values, a third of the
-        bytes. No-op without AMX or blocks."""
+    def use_gguf(self, blocks: tuple[str, torch.Tensor] | None) -> None:
+        """Stream the weight in its GGUF block form, ("q4_1" | "q8_0", uint8 [N, K/32, bytes]),
+        whose bf16 dequantization is `self.weight`, in the AMX kernel: the same bf16 values at a
+        third (Q4_1) or half (Q8_0) of the bytes. No-op without AMX or blocks."""
         if blocks is None or self.amx is None or self.weight.shape[1] % 32:
             return
-        if tuple(blocks.shape) != (self.out_features, self.weight.shape[1] // 32, 20):
-            raise ValueError(f"Q4_1 blocks of shape {tuple(blocks.shape)} do not match the weight "
+        kind, raw = blocks
+        pack, run, size = _GGUF_KERNELS[kind]
+        if tuple(raw.shape) != (self.out_features, self.weight.shape[1] // 32, size):
+            raise ValueError(f"{kind} blocks of shape {tuple(raw.shape)} do not match the weight "
                              f"{tuple(self.weight.shape)}")
-        self.amx_q4_1, self.amx = ops.pack_weight_amx_q4_1(blocks), None
+        self.amx_gguf, self.amx = (run, pack(raw)), None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
         if 0 < rows <= AMX_MAX_ROWS and x.dim() == 2:
-            if self.amx_q4_1 is not None:
-                return ops.linear_amx_q4_1(x, self.amx_q4_1, self.out_features, self.bias)
+            if self.amx_gguf is not None:
+                run, packed = self.amx_gguf
+                return run(x, packed, self.out_features, self.bias)
             if self.amx is not None:
                 return ops.linear_amx(x, self.amx, self.out_features, self.bias)
         if self.packed is not None and rows > 0:

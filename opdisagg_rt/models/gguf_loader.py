@@ -134,13 +134,16 @@ class GGUFFile:
         self._pos += count * dtype.itemsize
         return arr.tolist()
 
-    def q4_1_blocks(self, name: str) -> torch.Tensor | None:
-        """A 2-D Q4_1 tensor's raw blocks as uint8 [rows, cols / 32, 20] (a copy), else None."""
+    def blocks(self, name: str) -> tuple[str, torch.Tensor] | None:
+        """A 2-D Q4_1/Q8_0 tensor's kind and raw blocks as uint8 [rows, cols / 32, block bytes]
+        (a copy), else None."""
         t = self.tensors[name]
-        if t.qtype != GGMLQuantizationType.Q4_1 or len(t.shape) != 2:
+        kind = _STREAMED_KINDS.get(t.qtype)
+        if kind is None or len(t.shape) != 2:
             return None
+        _, type_size = GGML_QUANT_SIZES[t.qtype]
         raw = np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=t.offset)
-        return torch.from_numpy(raw.reshape(t.shape[0], t.shape[1] // 32, 20).copy())
+        return kind, torch.from_numpy(raw.reshape(t.shape[0], t.shape[1] // 32, type_size).copy())
 
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor dequantized to float32 (a fresh copy, independent of the mmap)."""
@@ -306,13 +309,19 @@ def gguf_config(g: GGUFFile) -> ModelConfig:
     return cfg
 
 
-# Key suffix under which load_gguf also returns a weight's raw GGUF Q4_1 blocks.
-Q4_1_SUFFIX = ".q4_1"
+# GGUF block formats that bf16 decode projections stream as they are (ops.linear_amx_q4_1 /
+# _q8_0); load_gguf also returns such weights' raw blocks under `name + "." + kind`.
+_STREAMED_KINDS = {GGMLQuantizationType.Q4_1: "q4_1", GGMLQuantizationType.Q8_0: "q8_0"}
+BLOCK_SUFFIXES = tuple("." + k for k in _STREAMED_KINDS.values())
+
+
+def is_block_sidecar(key: str) -> bool:
+    return key.endswith(BLOCK_SUFFIXES)
 
 
 def load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     """Config, float32 weights under transformers names (Q/K un-permuted), and tokenizer. Q4_1
-    matrices also appear in their 4-bit form, uint8 blocks under `name + Q4_1_SUFFIX`."""
+    and Q8_0 matrices also appear as their raw uint8 blocks under `name + ".q4_1"` / `".q8_0"`."""
     g = GGUFFile(path)
     config = gguf_config(g)
     weights: dict[str, torch.Tensor] = {}
@@ -328,11 +337,11 @@ def load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenize
         heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
         n_head = heads.get(name.split(".")[2] if name.startswith("blk.") else "")
         # a wrongly shaped Q/K is left as it is: load_model's shape check names it
-        blocks = g.q4_1_blocks(name)
+        blocks = g.blocks(name)
         if n_head and w.shape[0] == n_head * config.head_dim:
             w = unpermute_rows(w, n_head)
-            blocks = unpermute_rows(blocks, n_head) if blocks is not None else None
+            blocks = (blocks[0], unpermute_rows(blocks[1], n_head)) if blocks is not None else None
         weights[target] = w
-        if blocks is not None:  # the 4-bit form too: bf16 decode GEMMs stream it (Linear.use_q4_1)
-            weights[target + Q4_1_SUFFIX] = blocks
+        if blocks is not None:  # the block form too: bf16 decode GEMMs stream it (Linear.use_gguf)
+            weights[target + "." + blocks[0]] = blocks[1]
     return config, weights, Tokenizer.from_gguf_metadata(g.metadata, source=path)
