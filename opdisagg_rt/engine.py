@@ -59,11 +59,14 @@ class Engine:
             self.runner = DisaggRunner(loaded, stage_spec, block_size, self.dtype, self.max_model_len,
                                        max_num_batched_tokens, max_num_seqs)
         else:
-            self.runner = ModelRunner(build_model_ops(loaded, self.dtype, self.max_model_len), block_size, self.dtype)
+            self.runner = ModelRunner(build_model_ops(loaded, self.dtype, self.max_model_len), block_size, self.dtype,
+                                      max_num_seqs=max_num_seqs)
         del loaded
         num_blocks = self.runner.allocate_kv_cache(kv_cache_budget(kv_cache_memory))
+        # kv_spec: KV cache groups (sliding-window layers) and linear-attention state pool
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching,
-                                 hash_extra=f"{self.fingerprint}:{dtype}".encode())
+                                 hash_extra=f"{self.fingerprint}:{dtype}".encode(),
+                                 spec=getattr(self.runner, "kv_spec", None))
         # kvstore hook: the external KV store ("cpu", "disk:DIR", "redis://...", a list of them).
         self.kv_connector = None
         if kv_store is not None:

@@ -1,15 +1,32 @@
 """Turns a scheduler step into a StepBatch, runs the operations, returns the logits to sample.
 
 It owns the model's operations and the paged KV caches (bound to each `layers.{i}.attn`).
+
+KV cache groups (hybrid models, vLLM v1's hybrid layout): the attention layers are grouped by
+window (full attention is window None). When every layer's block has the same shape, each window
+type is cut into groups of K layers, K = gcd of the per-type layer counts, and the j-th layer of
+every group shares the j-th of K cache tensor pairs: one pool of block ids serves all groups, a
+block id belongs to one group at a time, so blocks a sliding-window group frees hold the next
+full-attention block. One block's bytes = K layers' K and V. (Different per-layer shapes fall back
+to a tensor pair per layer and no sharing.) Each group has its own block tables and slot mapping
+in the StepBatch; `execute` selects a layer's group before running it, so the attention op's
+forward reads `batch.slot_mapping` / `batch.block_tables` as before.
 """
 from __future__ import annotations
 
+import logging
+import math
+
 import torch
 
+from opdisagg_rt.cache.kv_cache_manager import KVCacheSpec, KVGroupSpec
+from opdisagg_rt.cache.state_pool import StatePool
 from opdisagg_rt.layers.attention import AttentionOp
 from opdisagg_rt.layers.base import Op
 from opdisagg_rt.models.executor import run_ops
 from opdisagg_rt.step_batch import StepBatch
+
+logger = logging.getLogger(__name__)
 
 def available_memory_bytes() -> int:
     try:
@@ -32,34 +49,112 @@ def kv_cache_budget(kv_cache_memory: float | int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, ops: list[Op], block_size: int, dtype: torch.dtype):
+    def __init__(self, ops: list[Op], block_size: int, dtype: torch.dtype, max_num_seqs: int = 64):
         self.ops = ops
         self.block_size = block_size
         self.dtype = dtype
+        self.max_num_seqs = max_num_seqs  # state-pool slots (linear-attention models)
         self.attn_ops = [op for op in ops if isinstance(op, AttentionOp)]
         self.num_blocks = 0
+        self.kv_spec: KVCacheSpec | None = None  # set by allocate_kv_cache, read by the engine
+        self.state_pool: StatePool | None = None
+
+    # -- KV cache layout --------------------------------------------------------------------------
+
+    def state_ops(self) -> list[Op]:
+        """Operations holding a per-sequence state (linear attention): they expose state_spec()."""
+        return [op for op in self.ops if callable(getattr(op, "state_spec", None))]
+
+    def kv_layout(self) -> tuple[list[KVGroupSpec], dict[str, tuple[int, int]], int]:
+        """(groups, {layer name: (group, tensor pair)}, number of tensor pairs)."""
+        by_window: dict[int | None, list] = {}
+        for op in self.attn_ops:
+            by_window.setdefault(op.window or None, []).append(op)
+        if not by_window:
+            return [KVGroupSpec()], {}, 0
+        kinds = sorted(by_window, key=lambda w: (w is not None, w or 0))  # full attention first
+        shared = len({(op.num_kv_heads, op.head_dim) for op in self.attn_ops}) == 1
+        size = math.gcd(*(len(v) for v in by_window.values())) if shared else None
+        groups, where, pair = [], {}, 0
+        for w in kinds:
+            members = by_window[w]
+            step = size or len(members)
+            for start in range(0, len(members), step):
+                chunk = members[start:start + step]
+                for j, op in enumerate(chunk):
+                    where[op.name] = (len(groups), j if shared else pair + j)
+                if not shared:
+                    pair += len(chunk)
+                groups.append(KVGroupSpec(tuple(op.name for op in chunk), w))
+        return groups, where, (size if shared else pair)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.kv_layout()[0])
+
+    def _check_groups(self) -> None:
+        if self.num_groups > 1 and type(self).execute is not ModelRunner.execute:
+            raise NotImplementedError(
+                f"{type(self).__name__} runs the operations itself and does not select per-group "
+                f"block tables: models with mixed attention types (KV cache groups "
+                f"{[(len(g.layer_names), g.window) for g in self.kv_layout()[0]]}) run colocated only")
 
     def block_bytes(self) -> int:
-        """Bytes of one KV block across every attention layer (K and V)."""
+        """Bytes of one KV block id (K and V of every attention layer that can use it)."""
+        self._check_groups()
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        return sum(2 * self.block_size * op.num_kv_heads * op.head_dim * elem for op in self.attn_ops)
+        _, where, _ = self.kv_layout()
+        per_pair = {}
+        for op in self.attn_ops:
+            per_pair[where[op.name][1]] = 2 * self.block_size * op.num_kv_heads * op.head_dim * elem
+        return sum(per_pair.values())
 
     def allocate_kv_cache(self, budget_bytes: int) -> int:
-        num_blocks = budget_bytes // self.block_bytes()
+        states = {op.name: op.state_spec() for op in self.state_ops()}
+        state_bytes = StatePool.slot_bytes(states) * self.max_num_seqs if states else 0
+        if state_bytes:
+            if state_bytes >= budget_bytes:
+                raise ValueError(f"kv_cache_memory of {budget_bytes} bytes cannot hold the linear-attention "
+                                 f"states of {self.max_num_seqs} sequences ({state_bytes} bytes)")
+            budget_bytes -= state_bytes
+        groups, where, pairs = self.kv_layout()
+        block_bytes = self.block_bytes() if self.attn_ops else 0
+        num_blocks = budget_bytes // block_bytes if block_bytes else 2
         if num_blocks < 2:
             raise ValueError(f"kv_cache_memory of {budget_bytes} bytes holds {num_blocks} KV blocks "
-                             f"of {self.block_bytes()} bytes; need at least 2")
+                             f"of {block_bytes} bytes; need at least 2")
+        caches = {}
         for op in self.attn_ops:
-            shape = (num_blocks, self.block_size, op.num_kv_heads, op.head_dim)
-            # zeros (lazily mapped by the OS) keep never-written slots finite for masked reads.
-            op.bind_cache(torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
+            g, j = where[op.name]
+            if j not in caches:
+                shape = (num_blocks, self.block_size, op.num_kv_heads, op.head_dim)
+                # zeros (lazily mapped by the OS) keep never-written slots finite for masked reads.
+                caches[j] = (torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
+            op.bind_cache(*caches[j])
+            op.kv_group = g  # which group's slot mapping / block tables this layer reads
+        self._op_group = {id(op): where[op.name][0] for op in self.attn_ops} if len(groups) > 1 else {}
+        if states:
+            self.state_pool = StatePool(states, self.max_num_seqs)
+            for op in self.state_ops():
+                op.bind_state(self.state_pool.conv[op.name], self.state_pool.recurrent[op.name])
+        self.kv_spec = KVCacheSpec(groups, self.state_pool)
         self.num_blocks = num_blocks
+        if len(groups) > 1 or groups[0].window is not None:
+            bs = self.block_size
+            per_seq = [f"window {g.window}: <= {-(-g.window // bs) + 1} blocks/seq" if g.window is not None
+                       else "full: all blocks" for g in groups]
+            logger.info("KV cache: %d blocks of %d bytes (%d layers each) shared by %d groups (%s)",
+                        num_blocks, block_bytes, pairs, len(groups), "; ".join(per_seq))
         return num_blocks
+
+    # -- steps ------------------------------------------------------------------------------------
 
     def prepare(self, scheduled) -> StepBatch:
         """scheduled: ScheduledRequest list with single-token queries first."""
         bs = self.block_size
-        starts, query_lens, seq_lens, tokens, tables, logits_rows = [], [], [], [], [], []
+        num_groups = self.num_groups
+        starts, query_lens, seq_lens, tokens, logits_rows = [], [], [], [], []
+        tables: list[list[list[int]]] = [[] for _ in range(num_groups)]
         row = 0
         for s in scheduled:
             r, n = s.request, s.num_new_tokens
@@ -72,27 +167,56 @@ class ModelRunner:
             starts.append(start)
             query_lens.append(n)
             seq_lens.append(start + n)
-            tables.append(s.block_table)
+            group_tables = getattr(s, "group_block_tables", None) or [s.block_table]
+            if len(group_tables) != num_groups:
+                raise ValueError(f"request {r.request_id}: {len(group_tables)} block tables for "
+                                 f"{num_groups} KV cache groups")
+            for g, t in enumerate(group_tables):
+                tables[g].append(t)
             row += n
             if s.samples:
                 logits_rows.append(row - 1)
         num_decodes = sum(1 for n in query_lens if n == 1)
-        max_blocks = max(len(t) for t in tables)
-        block_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.long)
         qlens = torch.tensor(query_lens)
         req_of_row = torch.repeat_interleave(torch.arange(len(scheduled)), qlens)
         cu = torch.zeros(len(scheduled) + 1, dtype=torch.long)
         torch.cumsum(qlens, 0, out=cu[1:])
         positions = torch.arange(row) - cu[:-1][req_of_row] + torch.tensor(starts)[req_of_row]
-        slot_mapping = block_tables[req_of_row, positions // bs] * bs + positions % bs
-        return StepBatch(
+        block_tables, slot_mappings = [], []
+        for g in range(num_groups):
+            max_blocks = max(len(t) for t in tables[g])
+            bt = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables[g]], dtype=torch.long)
+            block_tables.append(bt)
+            slot_mappings.append(bt[req_of_row, positions // bs] * bs + positions % bs)
+        state_indices = None
+        if self.state_pool is not None:
+            state_indices = torch.tensor([getattr(s, "state_index", -1) for s in scheduled], dtype=torch.long)
+        multi = num_groups > 1
+        batch = StepBatch(
             request_ids=[s.request.request_id for s in scheduled],
             input_ids=torch.tensor(tokens, dtype=torch.long), positions=positions,
-            slot_mapping=slot_mapping, query_start_loc=cu, seq_lens=torch.tensor(seq_lens),
-            block_tables=block_tables, logits_indices=torch.tensor(logits_rows, dtype=torch.long),
-            num_decodes=num_decodes, query_lens_list=query_lens, seq_lens_list=seq_lens, block_size=bs)
+            slot_mapping=slot_mappings[0], query_start_loc=cu, seq_lens=torch.tensor(seq_lens),
+            block_tables=block_tables[0], logits_indices=torch.tensor(logits_rows, dtype=torch.long),
+            num_decodes=num_decodes, query_lens_list=query_lens, seq_lens_list=seq_lens, block_size=bs,
+            group_slot_mappings=slot_mappings if multi else None,
+            group_block_tables=block_tables if multi else None,
+            group_memos=[{} for _ in range(num_groups)] if multi else None,
+            state_indices=state_indices)
+        if multi:
+            batch.group_memos[0] = batch.memo
+        return batch
 
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> torch.Tensor:
         """Logits [len(logits_indices), vocab] (float32)."""
-        return run_ops(self.ops, batch)["logits"]
+        if batch.group_slot_mappings is None:
+            return run_ops(self.ops, batch)["logits"]
+        t = {}
+        groups = self._op_group
+        for op in self.ops:
+            g = groups.get(id(op))
+            if g is not None:
+                batch.select_group(g)
+            op.forward(t, batch)
+        batch.select_group(0)
+        return t["logits"]

@@ -25,6 +25,15 @@ class StepBatch:
     seq_lens_list: list[int]
     block_size: int
     memo: dict[str, Any] = field(default_factory=dict)  # derived tensors shared by layers
+    # Hybrid KV cache (several KV cache groups): each group's slot_mapping [T] and block tables
+    # [R, max_blocks_g]; `slot_mapping`/`block_tables` above are the selected group's (group 0's
+    # unless `select_group` switched them). None when the model has a single group.
+    group_slot_mappings: list[torch.Tensor] | None = None
+    group_block_tables: list[torch.Tensor] | None = None
+    group_memos: list[dict[str, Any]] | None = None  # memo per group (derived from its tables)
+    group: int = 0
+    # Linear-attention state slot of each request ([R] int64, -1 = none), or None.
+    state_indices: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -33,6 +42,16 @@ class StepBatch:
     @property
     def num_reqs(self) -> int:
         return len(self.request_ids)
+
+    def select_group(self, g: int) -> None:
+        """Point `slot_mapping`, `block_tables` and `memo` at KV cache group g's (the runner
+        calls this before each attention layer of a multi-group model)."""
+        if self.group_slot_mappings is None or g == self.group:
+            return
+        self.slot_mapping = self.group_slot_mappings[g]
+        self.block_tables = self.group_block_tables[g]
+        self.memo = self.group_memos[g]
+        self.group = g
 
     def cached(self, key: str, build: Callable[[], Any]) -> Any:
         """Compute a derived value (a mask, gathered indices) once per step for all layers."""

@@ -32,7 +32,10 @@ LOAD_WAIT_S = 0.01
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
-    block_table: list[int]
+    block_table: list[int]  # KV cache group 0's (the only group of a full-attention model)
+    # Hybrid models: every KV cache group's block table (group 0's first); None = [block_table].
+    group_block_tables: list[list[int]] | None = None
+    state_index: int = -1  # the request's linear-attention state slot (-1: none)
 
     @property
     def samples(self) -> bool:
@@ -112,7 +115,7 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                scheduled.append(ScheduledRequest(req, num_new, self.kv.block_table(req.request_id)))
+                scheduled.append(self._scheduled(req, num_new))
                 budget -= num_new
                 i += 1
                 continue
@@ -126,6 +129,12 @@ class Scheduler:
             if s.request.first_scheduled_time is None:
                 s.request.first_scheduled_time = now
         return SchedulerOutput(scheduled, preempted, sum(s.num_new_tokens for s in scheduled))
+
+    def _scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
+        rid = req.request_id
+        tables = self.kv.block_tables(rid) if self.kv.num_groups > 1 else None
+        return ScheduledRequest(req, num_new, tables[0] if tables else self.kv.block_table(rid), tables,
+                                self.kv.state_index(rid))
 
     def _admit_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> None:
         while (self.waiting and budget > 0
@@ -147,7 +156,7 @@ class Scheduler:
             self._on_admitted(req, num_hit)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            scheduled.append(ScheduledRequest(req, num_new, self.kv.block_table(req.request_id)))
+            scheduled.append(self._scheduled(req, num_new))
             budget -= num_new
 
     def _on_admitted(self, req: Request, num_hit: int) -> bool:

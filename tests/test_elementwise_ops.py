@@ -3,7 +3,8 @@ torch references in opdisagg_rt.ops.
 
 Tolerances: float32 within 2e-6 relative (the kernels sum in a different order and use a
 polynomial exp, relative error ~2e-7); bf16/fp16 results equal the reference's rounding except
-for values whose float32 result sits on a rounding boundary (at most one ulp, rare).
+for values whose float32 result sits on a rounding boundary (at most one ulp, rare; two for
+rms_norm, whose normalized value is rounded before the weight multiplies it).
 """
 
 import pytest
@@ -15,13 +16,13 @@ from opdisagg_rt import ops
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def assert_close_ulp(actual, expected, dtype):
+def assert_close_ulp(actual, expected, dtype, ulps=1):
     if dtype == torch.float32:
         torch.testing.assert_close(actual, expected, rtol=2e-6, atol=2e-6)
         return
     ulp = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
     diff = (actual.float() - expected.float()).abs()
-    assert (diff <= ulp * expected.float().abs().clamp_min(1e-3) * 1.01).all(), diff.max()
+    assert (diff <= ulps * ulp * expected.float().abs().clamp_min(1e-3) * 1.01).all(), diff.max()
     assert (actual != expected).float().mean() < 0.01
 
 
@@ -30,7 +31,7 @@ def assert_close_ulp(actual, expected, dtype):
 def test_rms_norm_matches_ref(dtype, shape):
     x = (torch.randn(shape) * 3).to(dtype)
     w = torch.randn(shape[-1]).to(dtype)
-    assert_close_ulp(ops.rms_norm(x, w, 1e-6), ops.rms_norm_ref(x, w, 1e-6), dtype)
+    assert_close_ulp(ops.rms_norm(x, w, 1e-6), ops.rms_norm_ref(x, w, 1e-6), dtype, ulps=2)
 
 
 def test_rms_norm_matches_transformers_module():
@@ -122,11 +123,12 @@ def test_errors_name_the_problem(call, match):
 
 
 def test_large_calls_split_over_threads_match_ref():
+    torch.manual_seed(0)
     x = torch.randn(4096, 256).bfloat16()
     w = torch.randn(256).bfloat16()
-    assert torch.equal(ops.rms_norm(x, w, 1e-6), ops.rms_norm_ref(x, w, 1e-6))
+    assert_close_ulp(ops.rms_norm(x, w, 1e-6), ops.rms_norm_ref(x, w, 1e-6), torch.bfloat16, ulps=2)
     g = torch.randn(4096, 512).bfloat16()
-    assert (ops.silu_and_mul(g) != ops.silu_and_mul_ref(g)).float().mean() < 0.01
+    assert_close_ulp(ops.silu_and_mul(g), ops.silu_and_mul_ref(g), torch.bfloat16)
 
 
 def opcheck_cases():

@@ -19,6 +19,11 @@ class KVBlock:
     token_ids: tuple[int, ...] | None = None  # kept for the token check on a prefix hit
 
 
+# Stands in a sliding-window group's block table for a block that fell out of the window and was
+# freed (vLLM's null block). Its id 0 only pads the table: no kernel reads keys below the window.
+NULL_BLOCK = KVBlock(0, ref_cnt=1 << 62)
+
+
 class BlockPool:
     def __init__(self, num_blocks: int, enable_caching: bool = True):
         if num_blocks < 1:
@@ -69,6 +74,8 @@ class BlockPool:
     def touch(self, blocks: list[KVBlock]) -> None:
         """Take a reference to cached blocks found by lookup (reviving free ones)."""
         for block in blocks:
+            if block is NULL_BLOCK:
+                continue
             if block.ref_cnt == 0:
                 del self.free_queue[block.block_id]
             block.ref_cnt += 1
@@ -86,6 +93,8 @@ class BlockPool:
         """Drop one reference from each block; pass them tail first so a request's later
         blocks are evicted before its earlier (more shareable) ones."""
         for block in blocks:
+            if block is NULL_BLOCK:
+                continue
             block.ref_cnt -= 1
             if block.ref_cnt < 0:
                 raise RuntimeError(f"block {block.block_id} freed twice")

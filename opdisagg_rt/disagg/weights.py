@@ -20,9 +20,11 @@ from opdisagg_rt.models.loader import LoadedModel
 from opdisagg_rt.models.registry import build_model_ops
 
 # Which checkpoint tensors (transformers names, below `model.layers.{i}.`) each operation reads.
-_LAYER_WEIGHTS = {"attn_norm": ("input_layernorm.",), "qkv_proj": ("self_attn.q_proj.", "self_attn.k_proj.",
-                  "self_attn.v_proj."), "o_proj": ("self_attn.o_proj.",), "mlp_norm": ("post_attention_layernorm.",),
-                  "mlp": ("mlp.",), "attn": ()}
+_LAYER_WEIGHTS = {"attn_norm": ("input_layernorm.",),
+                  "qkv_proj": ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.",
+                               "self_attn.q_norm.", "self_attn.k_norm."),
+                  "o_proj": ("self_attn.o_proj.",), "mlp_norm": ("post_attention_layernorm.",),
+                  "mlp": ("mlp.",), "moe": ("mlp.", "block_sparse_moe."), "attn": ("self_attn.sinks",)}
 
 
 def op_weight_names(op: str, names: list[str]) -> list[str]:

@@ -26,6 +26,10 @@ def layer_group(attn_ops: list) -> str:
 def make_connector(engine, kv_store, size: int | None = None, chunk_size: int = 256,
                    salt: str | None = None) -> KVConnector:
     runner = engine.runner
+    reason = engine.kv.hybrid_reason()
+    if reason:  # the store keeps whole chunks of every layer's KV; these layers do not have them
+        raise ValueError(f"kv_store is not supported for this model: it has {reason}; "
+                         f"run it without kv_store")
     ks = KeySpace(engine.fingerprint, str(engine.dtype).removeprefix("torch."), layer_group(runner.attn_ops),
                   chunk_size, salt)
     store = kv_store if isinstance(kv_store, KVStore) else KVStore(parse_tiers(kv_store, size))

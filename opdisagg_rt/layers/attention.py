@@ -3,6 +3,10 @@
 The projections are compute-bound GEMMs; the attention core (RoPE, cache write, attention over
 the paged cache) is memory-bound and owns the layer's KV cache, so the two can live on
 different stages.
+
+Per-architecture variants: q/k/v/o biases; per-head q/k RMSNorm (Qwen3, applied by the QKV
+projection before RoPE); sliding window per layer; attention sinks (gpt-oss: a float32 logit per
+head that joins each softmax denominator, honoured by decode and prefill alike).
 """
 from __future__ import annotations
 
@@ -18,29 +22,46 @@ from opdisagg_rt.step_batch import StepBatch
 
 class QKVProjOp(Op):
     def __init__(self, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+                 biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
+                 norm_eps: float = 1e-6):
+        """q_norm / k_norm: RMSNorm weights [head_dim] applied to each head of q and k (Qwen3)."""
         self.name = name
         self.sizes = (q.shape[0], k.shape[0], v.shape[0])
         bias = torch.cat(biases) if biases is not None else None
         self.proj = Linear(torch.cat([q, k, v], 0), bias)  # one GEMM instead of three
+        if (q_norm is None) != (k_norm is None):
+            raise ValueError(f"{name}: q_norm and k_norm come together")
+        self.q_norm, self.k_norm, self.norm_eps = q_norm, k_norm, norm_eps
         self.reads, self.writes = ("hidden",), ("q", "k", "v")
 
     def parameters(self) -> dict[str, torch.Tensor]:
-        return {"qkv": self.proj.weight} | ({"bias": self.proj.bias} if self.proj.bias is not None else {})
+        p = {"qkv": self.proj.weight} | ({"bias": self.proj.bias} if self.proj.bias is not None else {})
+        return p | ({"q_norm": self.q_norm, "k_norm": self.k_norm} if self.q_norm is not None else {})
 
     def forward(self, t: Tensors, batch: StepBatch) -> None:
-        t["q"], t["k"], t["v"] = self.proj(t["hidden"]).split(self.sizes, dim=-1)
+        q, k, v = self.proj(t["hidden"]).split(self.sizes, dim=-1)
+        if self.q_norm is not None:
+            hd = self.q_norm.shape[0]
+            q = ops.rms_norm(q.reshape(-1, hd), self.q_norm, self.norm_eps).view(q.shape)
+            k = ops.rms_norm(k.reshape(-1, hd), self.k_norm, self.norm_eps).view(k.shape)
+        t["q"], t["k"], t["v"] = q, k, v
 
 
 class AttentionOp(Op):
-    """Full causal or sliding-window attention with its paged KV cache (bound by the runner)."""
+    """Full causal or sliding-window attention with its paged KV cache (bound by the runner);
+    `sinks` (float32 [num_heads]) adds one logit per head to every softmax denominator."""
 
     def __init__(self, name: str, num_heads: int, num_kv_heads: int, head_dim: int,
-                 rope: RotaryEmbedding, window: int | None = None, scale: float | None = None):
+                 rope: RotaryEmbedding, window: int | None = None, scale: float | None = None,
+                 sinks: torch.Tensor | None = None):
         self.name = name
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope, self.window = rope, window
         self.scale = scale if scale is not None else head_dim ** -0.5
+        if sinks is not None and tuple(sinks.shape) != (num_heads,):
+            raise ValueError(f"{name}: sinks must have shape [{num_heads}], got {list(sinks.shape)}")
+        self.sinks = None if sinks is None else sinks.float().contiguous()
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
         self.reads, self.writes = ("q", "k", "v"), ("attn_out",)
@@ -49,7 +70,7 @@ class AttentionOp(Op):
         self.k_cache, self.v_cache = k_cache, v_cache
 
     def parameters(self) -> dict[str, torch.Tensor]:
-        return {}
+        return {} if self.sinks is None else {"sinks": self.sinks}
 
     def forward(self, t: Tensors, batch: StepBatch) -> None:
         n = batch.num_tokens
@@ -60,7 +81,8 @@ class AttentionOp(Op):
         self.rope.apply_(batch.positions, q, k)
         v = t["v"].reshape(n, self.num_kv_heads, self.head_dim)
         ops.reshape_and_cache(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
-        out = paged_attention(q, k, v, self.k_cache, self.v_cache, batch, self.scale, self.window)
+        out = paged_attention(q, k, v, self.k_cache, self.v_cache, batch, self.scale, self.window,
+                              self.sinks)
         t["attn_out"] = out.view(n, self.num_heads * self.head_dim)
 
 
@@ -71,7 +93,7 @@ class OProjOp(Op):
         self.reads, self.writes = ("attn_out", "residual"), ("residual",)
 
     def parameters(self) -> dict[str, torch.Tensor]:
-        return {"o": self.proj.weight}
+        return {"o": self.proj.weight} | ({"bias": self.proj.bias} if self.proj.bias is not None else {})
 
     def forward(self, t: Tensors, batch: StepBatch) -> None:
         t["residual"] = t["residual"] + self.proj(t["attn_out"])

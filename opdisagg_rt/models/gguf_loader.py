@@ -310,21 +310,18 @@ def gguf_config(g: GGUFFile) -> ModelConfig:
 
 
 # GGUF block formats that bf16 decode projections stream as they are (ops.linear_amx_q4_1 /
-# _q8_0); load_gguf also returns such weights' raw blocks under `name + "." + kind`.
+# _q8_0); load_gguf also returns such weights' raw blocks.
 _STREAMED_KINDS = {GGMLQuantizationType.Q4_1: "q4_1", GGMLQuantizationType.Q8_0: "q8_0"}
-BLOCK_SUFFIXES = tuple("." + k for k in _STREAMED_KINDS.values())
 
 
-def is_block_sidecar(key: str) -> bool:
-    return key.endswith(BLOCK_SUFFIXES)
-
-
-def load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
-    """Config, float32 weights under transformers names (Q/K un-permuted), and tokenizer. Q4_1
-    and Q8_0 matrices also appear as their raw uint8 blocks under `name + ".q4_1"` / `".q8_0"`."""
+def load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer,
+                                  dict[str, tuple[str, torch.Tensor]]]:
+    """Config, float32 weights under transformers names (Q/K un-permuted), tokenizer, and the
+    raw uint8 blocks of the Q4_1/Q8_0 matrices by the same names: {name: (kind, blocks)}."""
     g = GGUFFile(path)
     config = gguf_config(g)
     weights: dict[str, torch.Tensor] = {}
+    block_weights: dict[str, tuple[str, torch.Tensor]] = {}
     for name, info in g.tensors.items():
         target = hf_name(name)
         if target is None:
@@ -343,5 +340,5 @@ def load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenize
             blocks = (blocks[0], unpermute_rows(blocks[1], n_head)) if blocks is not None else None
         weights[target] = w
         if blocks is not None:  # the block form too: bf16 decode GEMMs stream it (Linear.use_gguf)
-            weights[target + "." + blocks[0]] = blocks[1]
-    return config, weights, Tokenizer.from_gguf_metadata(g.metadata, source=path)
+            block_weights[target] = blocks
+    return config, weights, Tokenizer.from_gguf_metadata(g.metadata, source=path), block_weights

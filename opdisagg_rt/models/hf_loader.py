@@ -18,7 +18,9 @@ from ..config import ModelConfig
 from ..tokenizer import Tokenizer
 
 _INDEX = "model.safetensors.index.json"
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
+                "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                "gpt_oss": "GptOssForCausalLM"}
 
 
 def _read_json(path: str) -> dict[str, Any]:

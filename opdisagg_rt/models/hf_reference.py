@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from opdisagg_rt.models.gguf_loader import is_block_sidecar
-
 
 def hf_model_from_loaded(loaded, dtype: torch.dtype = torch.float32):
     import transformers
@@ -20,8 +18,7 @@ def hf_model_from_loaded(loaded, dtype: torch.dtype = torch.float32):
         max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
         attention_bias="model.layers.0.self_attn.q_proj.bias" in loaded.weights)
     model = transformers.LlamaForCausalLM(hf_cfg).eval()
-    dense = {k: v for k, v in loaded.weights.items() if not is_block_sidecar(k)}
-    missing, unexpected = model.load_state_dict(dense, strict=False)
+    missing, unexpected = model.load_state_dict(loaded.weights, strict=False)
     allowed = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     if unexpected or set(missing) - allowed:
         raise ValueError(f"HF reference: missing {sorted(set(missing) - allowed)}, unexpected {sorted(unexpected)}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -28,17 +28,21 @@ class LoadedModel:
     tokenizer: Tokenizer
     fingerprint: str  # hex sha256 identifying the weights (KV store keys)
     source: str  # the path the model came from
+    # GGUF Q4_1/Q8_0 matrices in their file form, {name: (kind, uint8 blocks)}: bf16 decode
+    # projections stream these (same bf16 values as `weights`, fewer bytes); empty otherwise.
+    gguf_blocks: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def load_model(path: str | None = None) -> LoadedModel:
     """Load a `.gguf` file or an HF directory (config.json + safetensors); None = default model."""
     path = default_model_path() if path is None else os.fspath(path)
     if os.path.isfile(path) and path.endswith(".gguf"):
-        config, weights, tokenizer = gguf_loader.load_gguf(path)
+        config, weights, tokenizer, blocks = gguf_loader.load_gguf(path)
         describe = lambda n: f"{n} ({gguf_loader.gguf_name(n)} in the GGUF)"  # noqa: E731
         files = [path]
     elif os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
         config, weights, tokenizer, files = hf_loader.load_hf_dir(path)
+        blocks = {}
         describe = str
     elif not os.path.exists(path):
         raise FileNotFoundError(f"model not found: {path}")
@@ -46,7 +50,7 @@ def load_model(path: str | None = None) -> LoadedModel:
         raise ValueError(f"{path}: expected a .gguf file or a directory with config.json")
     if config.architecture in SUPPORTED_LLAMA_ARCHS:
         check_llama_weights(config, weights, path, describe)
-    return LoadedModel(config, weights, tokenizer, fingerprint(files), path)
+    return LoadedModel(config, weights, tokenizer, fingerprint(files), path, blocks)
 
 
 def llama_tensor_shapes(c: ModelConfig, with_bias: bool = False) -> dict[str, tuple[int, ...]]:

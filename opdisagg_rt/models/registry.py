@@ -4,12 +4,20 @@ from __future__ import annotations
 import torch
 
 from opdisagg_rt.layers.base import Op
+from opdisagg_rt.models.gemma3 import GEMMA3_ARCHITECTURES, build_gemma3_ops
 from opdisagg_rt.models.llama import LLAMA_ARCHITECTURES, build_llama_ops
+from opdisagg_rt.models.moe_models import MOE_ARCHITECTURES, build_moe_ops
+
+BUILDERS = {**{a: build_llama_ops for a in LLAMA_ARCHITECTURES}, **{a: build_moe_ops for a in MOE_ARCHITECTURES}}
+BUILDERS.update({a: build_gemma3_ops for a in GEMMA3_ARCHITECTURES})
 
 
 def build_model_ops(loaded, dtype: torch.dtype, max_positions: int) -> list[Op]:
     arch = loaded.config.architecture
-    if arch in LLAMA_ARCHITECTURES:
-        return build_llama_ops(loaded.config, loaded.weights, dtype, max_positions, origin=loaded.source)
-    raise ValueError(f"{loaded.source}: architecture {arch!r} is not supported "
-                     f"(supported: {', '.join(LLAMA_ARCHITECTURES)})")
+    builder = BUILDERS.get(arch)
+    if builder is None:
+        raise ValueError(f"{loaded.source}: architecture {arch!r} is not supported "
+                         f"(supported: {', '.join(BUILDERS)})")
+    # GGUF block forms ride along as `name.kind` entries, found by WeightSource.gguf_blocks.
+    weights = loaded.weights | {f"{n}.{kind}": b for n, (kind, b) in loaded.gguf_blocks.items()}
+    return builder(loaded.config, weights, dtype, max_positions, origin=loaded.source)
