@@ -1,19 +1,25 @@
-"""Measure this CPU and fit the efficiency profile the cost model uses for device "cpu".
+"""Measure this CPU and fit the profile the cost model uses for device "cpu".
 
 1. copy bandwidth vs working set (hot: activations) and from DRAM (cold: weights, KV, state);
-2. an isolated GEMM sweep per dtype, weights cold (cycled through a pool larger than the L3):
-   kept as measured, and the source of the bf16/fp32 ratios;
-3. whole forward passes of calibration models (shapes unlike the validation models) with the
-   reference ops, swept twice. Fitted on them by grid search on the mean absolute log error:
-   GEMMs  t = o + max(2MKN / (R M / (M + M_half)), bytes / bw)   (rate grows with the rows M),
-   kinds  t = o + max(F / (R F / (F + F_half)), cold_bytes / bw + act_bytes / (a hot_bw))
-   for norm, embed, attention and linear attention (prefill and decode apart), and MoE's
-   routing overhead (fixed + per touched expert).
+2. a GEMM sweep per dtype, weights cold (cycled through a pool larger than the L3), each call
+   between two probe runs, on a grid of M, K, N: the size-dependent GEMM efficiency table
+   (hardware.CpuProfile.gemm_rate);
+3. whole forward passes of calibration models (shapes unlike the validation models: hidden 512 /
+   1024 / 1536, head_dim 64 and 128, GQA 3 and 4, two linear-attention kinds, a MoE with a shared
+   expert) over a grid of batch sizes and context lengths including tiny steps, swept in several
+   passes, with a speed probe before and after every timed forward (runner.SpeedProbe): an op's
+   time is its median time / probe ratio times the probe's undisturbed time (reference.speed_time),
+   and the profile records that probe time (meta.probe_us): the machine speed it is quoted at.
+   Per cost class (hardware.op_class) a linear model  t = sum_f coef_f * feature_f  is fitted with
+   non-negative coefficients, minimising the mean absolute relative error; the features are in
+   hardware.CLASS_FEATURES: a constant per call (the fixed cost of an op's torch calls inside a
+   forward), the GEMM table's time, FLOPs, softmax score elements, bytes of weights / state /
+   activations, sequences, chunk steps, touched experts.
 """
 from __future__ import annotations
 
+import itertools
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -23,29 +29,38 @@ import torch
 import torch.nn.functional as F
 
 from opdisagg_rt.analysis import reference as Rf
-from opdisagg_rt.analysis.hardware import CPU_PROFILE, CpuProfile
+from opdisagg_rt.analysis.hardware import (
+    BORROWS,
+    CLASS_FEATURES,
+    CPU_PROFILE,
+    PROFILE_FORMAT,
+    CpuProfile,
+)
 from opdisagg_rt.analysis.models import ModelSpec, parse_hf_config
 from opdisagg_rt.analysis.ops import model_ops
-from opdisagg_rt.analysis.runner import DTYPES, RefModel
+from opdisagg_rt.analysis.runner import DTYPES, SpeedProbe, Timings, time_forwards
 from opdisagg_rt.analysis.workload import Workload
 
 POOL_BYTES = 192 << 20  # > the 105 MiB L3 here, so cycling through the pool keeps weights cold
-KINDS = ("norm", "embed", "attn", "linear_attn")
 
-# calibration models: shapes deliberately unlike validate.py's (SmolLM2, tiny-hybrid)
+# calibration models: shapes deliberately unlike validate.py's (SmolLM2: hidden 576, head_dim 64, GQA 3;
+# tiny-hybrid: hidden 768, head_dim 64, GQA 3, GDN 4/8 heads of 64, 16 experts top-2), and unlike each
+# other in hidden size, head_dim and GQA ratio so that per-element and per-call costs separate (both
+# sliding-window layer sets have windows between the longest prompt and the longest decode context)
 CAL_MODELS = {
     "cal-dense": dict(model_type="cal", vocab_size=16000, hidden_size=1024, intermediate_size=2816,
                       num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
                       layer_types=["full_attention", "sliding_attention"] * 4, sliding_window=512),
-    "cal-gdn-moe": dict(model_type="cal", vocab_size=16000, hidden_size=1024, num_hidden_layers=6,
-                        num_attention_heads=8, num_key_value_heads=2, head_dim=128,
-                        layer_types=["linear_attention", "linear_attention", "full_attention"] * 2,
-                        linear_num_key_heads=8, linear_num_value_heads=8, linear_key_head_dim=96,
+    "cal-gdn-moe": dict(model_type="cal", vocab_size=16000, hidden_size=512, num_hidden_layers=6,
+                        num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                        layer_types=["linear_attention", "linear_attention", "full_attention",
+                                     "linear_attention", "linear_attention", "sliding_attention"], sliding_window=1024,
+                        linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=96,
                         linear_value_head_dim=96, linear_conv_kernel_dim=4, num_experts=32,
-                        num_experts_per_tok=4, moe_intermediate_size=512),
-    "cal-lightning": dict(model_type="minimax_text_01", vocab_size=16000, hidden_size=1024,
-                          intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8,
-                          num_key_value_heads=2, head_dim=128, attn_type_list=[0, 0, 1] * 2),
+                        num_experts_per_tok=4, moe_intermediate_size=512, shared_expert_intermediate_size=1024),
+    "cal-lightning": dict(model_type="minimax_text_01", vocab_size=16000, hidden_size=1536,
+                          intermediate_size=4096, num_hidden_layers=6, num_attention_heads=12,
+                          num_key_value_heads=4, head_dim=128, attn_type_list=[0, 0, 1] * 2),
 }
 
 
@@ -56,7 +71,7 @@ def _time(fn, reps: int) -> float:
         with Rf.Timer() as t:
             fn()
         ts.append(t.total)
-    return Rf.low_median(ts)
+    return Rf.fast_time(ts)
 
 
 def measure_bandwidth(quick: bool) -> tuple[dict, float]:
@@ -73,17 +88,27 @@ def measure_bandwidth(quick: bool) -> tuple[dict, float]:
     return {"log2_bytes": [float(s) for s in sizes], "gbps": gbps}, dram
 
 
-def measure_gemm(dtype: str, quick: bool, verbose: bool) -> dict:
+def gemm_grid(full: bool, quick: bool) -> tuple[list[int], list[int], list[int]]:
+    if quick:
+        return [1, 16, 256], [512, 2048], [512, 8192]
+    if full:  # the fitted dtype: every shape of a small model's projections, MLPs and heads lies inside
+        return [1, 4, 16, 64, 256, 1024], [256, 512, 1024, 2048, 4096], [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
+    return [1, 16, 256], [512, 2048], [512, 4096, 32768]
+
+
+def measure_gemm(dtype: str, quick: bool, verbose: bool, probe: SpeedProbe, full: bool = True) -> dict:
+    """F.linear on a grid of (M, K, N), weights cycled through a pool beyond the L3. Each repetition
+    runs between two runs of the speed probe (which also leaves the caches as the other ops of a
+    forward pass do); kept as the median time / probe ratio, turned into log2 GFLOP/s by
+    table_from_ratios once the calibration's undisturbed probe time is known."""
     dt = DTYPES[dtype]
-    ms = [1, 16, 256]
-    ks = [512, 2048] if quick else [512, 4096]
-    ns = [256, 4096, 65536] if quick else [512, 8192]
+    ms, ks, ns = gemm_grid(full, quick)
     pool = torch.empty(POOL_BYTES * 8 // torch.finfo(dt).bits, dtype=dt).normal_(0, 0.02)
     cube = np.full((len(ms), len(ks), len(ns)), np.nan)
     cap = 3e9 if quick else 2e10
     for a, K in enumerate(ks):
         for b, N in enumerate(ns):
-            if K * N > 1 << 26:
+            if K * N > min(1 << 26, pool.numel()):
                 continue  # > 128 MiB of bf16 weights: filled from the nearest measured N below
             copies = max(1, pool.numel() // (K * N))
             ws = [pool[c * K * N:(c + 1) * K * N].view(N, K) for c in range(copies)]
@@ -91,29 +116,50 @@ def measure_gemm(dtype: str, quick: bool, verbose: bool) -> dict:
                 if 2.0 * M * K * N > cap:
                     continue
                 x = torch.randn(M, K, dtype=dt)
-                reps = int(min(11, max(5, 0.03 / max(2 * M * K * N / 2e11, 1e-5))))
-                it = iter(range(10 ** 9))
-                t = _time(lambda: F.linear(x, ws[next(it) % copies]), reps)
-                cube[i, a, b] = math.log2(2 * M * K * N / t / 1e9)
-            if verbose:
-                print(f"  gemm {dtype} K={K:5d} N={N:5d}: " + " ".join(
-                    f"{2 ** r:.0f}" for r in cube[:, a, b] if not np.isnan(r)) + " GFLOP/s over M=" + ",".join(map(str, ms)))
-    # fill the holes: along M from measured neighbours (log-linear), then along N from below.
-    # More rows never lower the rate of a GEMM (more reuse per weight byte), so dips and spikes
-    # from timing noise are pooled away with an isotonic fit along M.
+                F.linear(x, ws[0])  # warm-up (kernel selection)
+                ratios, before = [], probe()
+                for r in range(3 if quick else 5):
+                    with Rf.Timer() as t:
+                        F.linear(x, ws[(r + 1) % copies])
+                    after = probe()
+                    ratios.append(t.total / (0.5 * (before + after)))
+                    before = after
+                cube[i, a, b] = Rf.median(ratios)
+        if verbose:
+            print(f"  gemm {dtype} K={K:5d}: timed {int((~np.isnan(cube[:, a])).sum())} shapes")
+    del pool
+    return {"m": ms, "k": ks, "n": ns, "ratio": cube}
+
+
+def table_from_ratios(g: dict, probe_ref: float) -> dict:
+    """log2 GFLOP/s table (hardware.CpuProfile.gemm) from measure_gemm's ratios, holes filled."""
+    ms, ks, ns = g["m"], g["k"], g["n"]
+    flops = 2.0 * np.array(ms)[:, None, None] * np.array(ks)[None, :, None] * np.array(ns)[None, None, :]
+    cube = np.log2(flops / (g["ratio"] * probe_ref) / 1e9)
+    fill_table(cube, ms)
+    return {"log2_m": np.log2(ms).tolist(), "log2_k": np.log2(ks).tolist(), "log2_n": np.log2(ns).tolist(),
+            "log2_gflops": cube.tolist()}
+
+
+def fill_table(cube: np.ndarray, ms: list[int]) -> None:
+    """Fill the holes (shapes too large to time) of a [M, K, N] table of log2 GFLOP/s in place:
+    along M by interpolation, beyond the largest measured M at its rate (more rows never lower the
+    rate; an isotonic fit along M also pools timing noise), and a wider N than measured at the rate
+    of the widest measured one."""
     lm = np.log2(ms)
-    for a in range(len(ks)):
-        for b in range(len(ns)):
+    for a in range(cube.shape[1]):
+        for b in range(cube.shape[2]):
             col = cube[:, a, b]
             ok = ~np.isnan(col)
             if ok.any():
-                cube[:, a, b] = _isotonic(np.interp(lm, lm[ok], col[ok]))
-        for b in range(1, len(ns)):
+                filled = col.copy()
+                last = np.where(ok)[0][-1]
+                filled[~ok] = np.interp(lm[~ok], lm[ok], col[ok])
+                filled[last + 1:] = col[last]
+                cube[:, a, b] = _isotonic(filled)
+        for b in range(1, cube.shape[2]):
             if np.isnan(cube[0, a, b]):
                 cube[:, a, b] = cube[:, a, b - 1]
-    del pool
-    return {"log2_m": lm.tolist(), "log2_k": np.log2(ks).tolist(), "log2_n": np.log2(ns).tolist(),
-            "log2_gflops": cube.tolist()}
 
 
 def _isotonic(y: np.ndarray) -> np.ndarray:
@@ -132,148 +178,124 @@ def _isotonic(y: np.ndarray) -> np.ndarray:
 
 def _workloads(quick: bool) -> list[Workload]:
     if quick:
-        return [Workload("decode", 4, [(256, 1)]), Workload("prefill", 1, [(128, 1)])]
-    return ([Workload("decode", b, [(c, 1)]) for b in (1, 8, 32) for c in (256, 2048)] +
-            [Workload("prefill", 1, [(n, 1)]) for n in (128, 512)] + [Workload("prefill", 4, [(192, 1)])])
+        return [Workload("decode", 1, [(32, 1)]), Workload("decode", 4, [(256, 1)]),
+                Workload("prefill", 1, [(16, 1)]), Workload("prefill", 1, [(128, 1)])]
+    # tiny steps (decode at context 32, a 16-token prompt) pin the fixed per-call costs
+    return ([Workload("decode", b, [(c, 1)]) for b, c in ((1, 32), (1, 256), (1, 2048), (8, 256), (8, 2048), (32, 256), (32, 2048))] +
+            [Workload("prefill", 1, [(n, 1)]) for n in (16, 128, 512)] + [Workload("prefill", 4, [(192, 1)])])
 
 
-def collect_samples(models: dict[str, ModelSpec], dtype: str, quick: bool, verbose: bool, passes: int = 2) -> list[dict]:
-    """(op, kind, cost, measured) for every op of every calibration forward. The grid is swept
-    `passes` times and each op keeps the low median over all passes' repetitions, so a burst of
-    load from other processes during one pass does not set the profile."""
-    runs = [(name, spec, w) for name, spec in models.items() for w in _workloads(quick)]
-    times: dict[int, dict[str, list[float]]] = {i: {} for i in range(len(runs))}
-    for p in range(passes):
-        for i, (name, spec, w) in enumerate(runs):
-            g = w.groups()[0]
-            ref = RefModel(spec, dtype, int(g.count), g.past + g.new)
-            t0 = time.time()
-            with torch.inference_mode():
-                ref.forward(w, {})  # warm-up
-                for _ in range(2):
-                    ref.forward(w, times[i])
-            if verbose:
-                print(f"  pass {p + 1}/{passes} {name} {w.phase} b={w.batch} ctx={w.context[0][0]}: {time.time() - t0:.1f}s")
-            del ref
-    out = []
-    for i, (name, spec, w) in enumerate(runs):
-        for o in model_ops(spec, w, 2 if dtype == "bf16" else 4):
-            out.append({"op": o.op, "kind": o.kind, "cost": o, "t": Rf.low_median(times[i][o.op]), "model": name,
-                        "workload": f"{w.phase} b={w.batch} ctx={w.context[0][0]}"})
-    return out
+def collect_samples(models: dict[str, ModelSpec], dtype: str, quick: bool, verbose: bool, probe: SpeedProbe,
+                    passes: int = 3, forwards: int = 2) -> tuple[list[dict], Timings]:
+    """(op, cost, measured ratio to the probe) for every op of every calibration forward; the
+    times follow once the probe's undisturbed time over the whole calibration is known."""
+    wls = _workloads(quick)
+    tm = time_forwards(models, wls, dtype, 1 if quick else passes, forwards, "calibration ", verbose, probe)
+    out, i = [], 0
+    for name, spec in models.items():
+        for w in wls:
+            for o in model_ops(spec, w, 2 if dtype == "bf16" else 4):
+                out.append({"op": o.op, "cost": o, "i": i, "model": name,
+                            "workload": f"{w.phase} b={w.batch} ctx={w.context[0][0]}"})
+            i += 1
+    return out, tm
 
 
-def _fit_kind(samples: list[dict], prof: CpuProfile) -> dict[str, float]:
-    """Grid search of (overhead, R, F_half, bw_cold, a) minimising mean |log(pred / measured)|."""
-    t = np.array([s["t"] for s in samples])
-    Fl = np.array([s["cost"].flops for s in samples])
-    Bc = np.array([s["cost"].weight_bytes + s["cost"].state_bytes for s in samples])
-    Ba = np.array([s["cost"].act_bytes for s in samples])
-    hot = np.array([prof.hot_bw(b) for b in Ba])
-    Rm = np.geomspace(0.3e9, 3e12, 18)[:, None, None, None, None]
-    Fh = np.geomspace(1e3, 1e9, 10)[None, :, None, None, None]
-    bw = (prof.dram_gbps * 1e9 * np.geomspace(0.1, 3, 10))[None, None, :, None, None]
-    a = np.geomspace(0.03, 1.5, 10)[None, None, None, :, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        tc = np.where(Fl > 0, Fl / (Rm * Fl / (Fl + Fh)), 0.0)
-        tm = Bc / bw + Ba / (a * hot)
-        body = np.maximum(tc, tm)
-        best = (np.inf, None, 0.0)
-        for o in np.geomspace(max(t.min() * 0.02, 1e-7), t.min() * 1.2, 16):
-            err = np.abs(np.log((o + body) / t)).mean(-1)
-            i = np.unravel_index(np.nanargmin(err), err.shape)
-            if err[i] < best[0]:
-                best = (float(err[i]), i, float(o))
-    e, i, o = best
-    return {"overhead_us": o * 1e6, "gflops_max": float(Rm.flat[i[0]] / 1e9), "half_mflop": float(Fh.flat[i[1]] / 1e6),
-            "gbps": float(bw.flat[i[2]] / 1e9), "act_eff": float(a.flat[i[3]]), "fit_mean_abs_log_err": e}
+def nnls(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """min ||A x - b||, x >= 0, exactly, by trying every subset of columns (a handful here)."""
+    n = A.shape[1]
+    best, xbest = np.inf, np.zeros(n)
+    for r in range(1, n + 1):
+        for S in itertools.combinations(range(n), r):
+            x, *_ = np.linalg.lstsq(A[:, S], b, rcond=None)
+            if (x < 0).any():
+                continue
+            res = float(((A[:, S] @ x - b) ** 2).sum())
+            if res < best:
+                best, xbest = res, np.zeros(n)
+                xbest[list(S)] = x
+    return xbest
 
 
-def _fit_offset(t: np.ndarray, base: np.ndarray, per: np.ndarray | None = None) -> tuple[float, float]:
-    """(o, p) minimising mean |log((o + p * per + base) / t)|: overheads a table or roofline leaves out."""
-    per = np.zeros_like(t) if per is None else per
-    o = np.concatenate([[0.0], np.geomspace(1e-6, 2e-3, 60)])[:, None, None]
-    p = (np.concatenate([[0.0], np.geomspace(1e-6, 1e-3, 40)]) if per.any() else np.zeros(1))[None, :, None]
-    err = np.abs(np.log((o + p * per + base) / t)).mean(-1)
-    i, j = np.unravel_index(np.argmin(err), err.shape)
-    return float(o.flat[i]), float(p.flat[j])
-
-
-def _fit_gemm(samples: list[dict], prof: CpuProfile) -> dict[str, float]:
-    """Grid search of (overhead, R_max, M_half, bw) on GEMM ops timed inside forwards."""
-    t = np.array([s["t"] for s in samples])
-    rows = [(s["cost"].gemms) for s in samples]
-    G = max(len(r) for r in rows)
-    M, K, N, C = (np.zeros((len(rows), G)) for _ in range(4))
-    M += 1  # padding slots (ops with fewer GEMMs) get C = 0 and must not produce 0/0
-    for i, r in enumerate(rows):
-        for j, (m, k, n, c) in enumerate(r):
-            M[i, j], K[i, j], N[i, j], C[i, j] = max(m, 1), k, n, c
-    b = 2 if prof.meta.get("dtype", "bf16") == "bf16" else 4
-    F, B = (2 * M * K * N).astype(np.float32), ((K * N + M * (K + N)) * b).astype(np.float32)
-    M, C, t = M.astype(np.float32), C.astype(np.float32), t.astype(np.float32)
-    best = (np.inf, None)
-    Rs = np.geomspace(20e9, 3e12, 24, dtype=np.float32)[:, None, None, None, None]
-    Mh = np.geomspace(0.5, 512, 20, dtype=np.float32)[None, :, None, None, None]
-    bws = np.geomspace(1e9, 60e9, 20, dtype=np.float32)[None, None, :, None, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        body = np.maximum(F / (Rs * M / (M + Mh)), B / bws)  # [R, Mh, bw, sample, gemm]
-        for o in np.concatenate([[0.0], np.geomspace(1e-6, 3e-4, 30)]):
-            pred = ((o + body) * C).sum(-1)
-            err = np.abs(np.log(pred / t)).mean(-1)
-            i = np.unravel_index(np.argmin(err), err.shape)
-            if err[i] < best[0]:
-                best = (float(err[i]), (o, Rs.flat[i[0]], Mh.flat[i[1]], bws.flat[i[2]]))
-    e, (o, R, mh, bw) = best
-    return {"overhead_us": float(o) * 1e6, "gflops_max": float(R) / 1e9, "m_half": float(mh), "gbps": float(bw) / 1e9, "fit_mean_abs_log_err": e}
+def fit_linear(X: np.ndarray, t: np.ndarray, iters: int = 25, base: np.ndarray | None = None) -> np.ndarray:
+    """Non-negative coefficients minimising mean |base + X c - t| / t (IRLS on the relative error),
+    so that small and large operations weigh alike and a few disturbed samples do not pull the fit;
+    `base`: a known part of each time (another class's work inside these ops)."""
+    scale = np.maximum(np.abs(X).max(0), 1e-30)  # conditioning; undone at the end
+    A = X / scale / t[:, None]
+    b = np.ones(len(t)) if base is None else 1 - base / t
+    c = nnls(A, b)
+    for _ in range(iters):
+        w = 1 / np.sqrt(np.maximum(np.abs(A @ c - b), 1e-3))
+        c = nnls(A * w[:, None], b * w)
+    return c / scale
 
 
 def fit_profile(samples: list[dict], prof: CpuProfile) -> CpuProfile:
-    gem = [s for s in samples if s["kind"] == "gemm"]
-    prof.gemm_fit = _fit_gemm(gem, prof)
-    for kind in KINDS:
-        for dec in (False, True):
-            ks = [s for s in samples if s["kind"] == kind and s["cost"].decode == dec]
-            if ks:
-                prof.curves[kind + ("_decode" if dec else "")] = _fit_kind(ks, prof)
-    prof.curves["moe"] = {"overhead_us": 0.0, "per_expert_us": 0.0}
-    moe = [s for s in samples if s["kind"] == "moe"]
-    if moe:  # routing + gather/scatter: a fixed part and a part per touched expert
-        base = np.array([prof.op_time(s["cost"], "bf16")[0] for s in moe])
-        touched = np.array([s["cost"].gemms[1][3] for s in moe])
-        o, p = _fit_offset(np.array([s["t"] for s in moe]), base, touched)
-        prof.curves["moe"] = {"overhead_us": o * 1e6, "per_expert_us": p * 1e6}
+    dtype = prof.dtype
+    by: dict[str, tuple[list, list, list]] = {}
+    for s in samples:
+        cls, f = prof.op_features(s["cost"], dtype)
+        X, t, F_ = by.setdefault(cls, ([], [], []))
+        X.append([f[k] for k in CLASS_FEATURES[cls.split("[")[0]]])
+        t.append(s["t"] * 1e6)
+        F_.append(f)
+    prof.curves = {}
+    # classes that others borrow from first (MoE's GEMMs cost what the gemm class says)
+    for cls in sorted(by, key=lambda c: c in BORROWS):
+        X, t, feats = np.array(by[cls][0]), np.array(by[cls][1]), by[cls][2]
+        base = np.array([prof.borrowed_us(cls, f) for f in feats])
+        c = fit_linear(X, t, base=base)
+        err = np.abs(base + X @ c - t) / t
+        names = CLASS_FEATURES[cls.split("[")[0]]
+        prof.curves[cls] = {"coef": {k: float(v) for k, v in zip(names, c)}, "n": len(t),
+                            "fit_median_abs_err_pct": float(100 * np.median(err)),
+                            "fit_p90_abs_err_pct": float(100 * np.percentile(err, 90))}
+    prof.curves = dict(sorted(prof.curves.items()))
     # [model, workload, op, measured us, fitted us]: FLOPs and bytes follow from ops.model_ops
-    prof.samples = [[s["model"], s["workload"], s["op"], s["t"] * 1e6, prof.op_time(s["cost"], "bf16")[0] * 1e6]
+    prof.samples = [[s["model"], s["workload"], s["op"], s["t"] * 1e6, prof.op_time(s["cost"], dtype)[0] * 1e6]
                     for s in samples]
     return prof
 
 
 def calibrate(out: str | Path | None = None, quick: bool = False, verbose: bool = True, threads: int = 1,
-              dtype: str = "bf16") -> dict:
+              dtype: str = "bf16", passes: int = 4) -> dict:
     """Measure, fit, write the profile (default: the package's data/cpu_profile.json); return it."""
     load0 = os.getloadavg()[0]
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)  # one intra-op thread: stable on a shared box, and per-stage threads are explicit
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     try:
+        probe = SpeedProbe()
         with torch.inference_mode():
             hot, dram = measure_bandwidth(quick)
             if verbose:
                 print(f"  DRAM copy {dram:.1f} GB/s; hot copy " + " ".join(f"{g:.0f}" for g in hot["gbps"]) + " GB/s")
-            # both dtypes, small grid: the ratio scales the fitted GEMM curve for the other dtype
-            gemm = {d: measure_gemm(d, quick, verbose) for d in dict.fromkeys((dtype, "fp32" if dtype == "bf16" else "bf16"))}
-        prof = CpuProfile(gemm, {}, hot, dram, {}, {"dtype": dtype})
+            other = "fp32" if dtype == "bf16" else "bf16"
+            ratios = {dtype: measure_gemm(dtype, quick, verbose, probe),
+                      other: measure_gemm(other, quick, verbose, probe, full=False)}
         models = {k: parse_hf_config(v, k) for k, v in CAL_MODELS.items()}
         if quick:
             models.pop("cal-lightning")
-        samples = collect_samples(models, dtype, quick, verbose)
+        samples, tm = collect_samples(models, dtype, quick, verbose, probe, passes)
+        ref = probe.ref  # the probe's undisturbed time over the whole calibration: the speed everything is quoted at
+        gemm = {d: table_from_ratios(g, ref) for d, g in ratios.items()}
+        for s in samples:
+            s["t"] = tm.time(s.pop("i"), s["op"], ref)
+        prof = CpuProfile(gemm, {}, hot, dram, {"dtype": dtype, "format": PROFILE_FORMAT,
+                                                "probe_us": ref * 1e6, "probe_median_us": Rf.median(probe.history) * 1e6})
         prof = fit_profile(samples, prof)
     finally:
         torch.set_num_threads(prev)
-    prof.meta = {**prof.meta, "threads": threads, "dtype": dtype, "quick": quick, "seconds": round(time.time() - t0, 1),
+    prof.meta = {**prof.meta, "threads": threads, "dtype": dtype, "quick": quick, "passes": 1 if quick else passes,
+                 "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1),
                  "cpu": _cpu_name(), "mem_gb": _mem_gb(), "torch": torch.__version__,
+                 "cal_models": CAL_MODELS,  # the samples' shapes, so that a profile can be refitted from its samples
                  "loadavg_before_after": [round(load0, 2), round(os.getloadavg()[0], 2)]}
+    if verbose:
+        for cls, c in prof.curves.items():
+            terms = ", ".join(f"{k} {v:.4g}" for k, v in c["coef"].items() if v)
+            print(f"  {cls:28s} n={c['n']:4d} fit |err| median {c['fit_median_abs_err_pct']:4.1f}%: {terms} (us per unit)")
     d = prof.to_json()
     path = Path(out) if out else CPU_PROFILE
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,12 @@ class OpCost:
     state_resident: float = 0.0  # KV / state bytes kept between steps (memory capacity)
     attn_kind: str | None = None
     decode: bool = False  # attention cores: every sequence adds one token (a different kernel on CPU)
+    # shape counts that FLOPs and bytes hide, used by the measured CPU profile (hardware.CpuProfile):
+    rows: float = 0.0  # tokens (rows) through the op
+    seqs: float = 0.0  # sequences in the step (per-sequence work of attention and recurrent state)
+    scores: float = 0.0  # attention score elements (heads x query-key pairs): softmax work, not FLOPs
+    steps: float = 0.0  # sequential steps: chunks of a chunked linear-attention prefill, 1 for a recurrent step
+    ew_elems: float = 0.0  # elements of element-wise work fused into the op (residual add, SiLU-and-mul, routing)
 
     @property
     def bytes(self) -> float:
@@ -59,7 +65,7 @@ def _chunks(g: SeqGroup, chunk: int) -> list[tuple[int, int]]:
 def _gemm(name: str, T: float, K: int, N: int, b: int, params_extra: float = 0.0, extra_act: float = 0.0) -> OpCost:
     p = K * N + params_extra
     return OpCost(name, "gemm", flops=2 * T * K * N, weight_bytes=p * b, act_bytes=(T * (K + N) + extra_act) * b,
-                  params=p, active_params=p, gemms=[(T, K, N, 1)])
+                  params=p, active_params=p, gemms=[(T, K, N, 1)], rows=T, ew_elems=extra_act)
 
 
 def _qkv_out(m: ModelSpec, l: LayerSpec) -> tuple[int, int, float]:
@@ -92,11 +98,12 @@ def _mla_qkv(m: ModelSpec, name: str, T: float, b: int) -> OpCost:
     p = sum(k * n for k, n in mats) + m.kv_lora_rank + m.q_lora_rank  # + latent norms
     out = m.kv_lora_rank + m.qk_rope_dim + H * qk
     return OpCost(name, "gemm", flops=sum(2 * T * k * n for k, n in mats), weight_bytes=p * b,
-                  act_bytes=T * (h + out) * b, params=p, active_params=p, gemms=[(T, k, n, 1) for k, n in mats])
+                  act_bytes=T * (h + out) * b, params=p, active_params=p, gemms=[(T, k, n, 1) for k, n in mats], rows=T)
 
 
 def _attn(m: ModelSpec, l: LayerSpec, name: str, w: Workload, b: int, state_b: int) -> OpCost:
-    c = OpCost(name, "attn", attn_kind=l.attn, decode=all(g.new == 1 for g in w.groups()))
+    c = OpCost(name, "attn", attn_kind=l.attn, decode=all(g.new == 1 for g in w.groups()),
+               rows=w.tokens, seqs=sum(g.count for g in w.groups()))
     if l.attn in ("full", "sliding"):
         H, Hkv, d = m.num_heads, m.num_kv_heads, m.head_dim
         c.params = c.active_params = H * m.sinks
@@ -105,6 +112,7 @@ def _attn(m: ModelSpec, l: LayerSpec, name: str, w: Workload, b: int, state_b: i
             for past, new in _chunks(g, w.chunk if w.phase == "prefill" else 0):
                 old = past if l.window is None else min(past, l.window - 1)  # cached keys the chunk can see
                 c.flops += g.count * 4 * H * d * _pairs(past, new, l.window)
+                c.scores += g.count * H * _pairs(past, new, l.window)
                 c.state_bytes += g.count * (old + new) * kv_tok  # read visible cache once, write new K/V
                 c.act_bytes += g.count * new * (2 * H * d * b + kv_tok)  # q, k, v in; out
             c.state_resident += g.count * min(g.past + g.new, l.window or 1 << 62) * kv_tok
@@ -122,6 +130,7 @@ def _attn(m: ModelSpec, l: LayerSpec, name: str, w: Workload, b: int, state_b: i
     else:
         c.params = c.active_params = Hv * dv  # output norm
     in_w = (2 * m.lin_k_heads * dk + 2 * Hv * dv + 2 * Hv) if gdn else 3 * Hv * dv  # q,k,v(,z,beta,g) in
+    c.steps = max(1 if g.new == 1 else math.ceil(g.new / LIN_CHUNK) for g in w.groups())
     for g in w.groups():
         if g.new == 1:  # recurrent step: decay, retrieve S^T k, rank-1 update (GDN); decay + outer (Lightning); read q^T S
             per_head = 7 * dk * dv if gdn else 5 * dk * dv
@@ -155,6 +164,7 @@ def _mla_attn(m: ModelSpec, c: OpCost, w: Workload, b: int) -> OpCost:
                 c.flops += g.count * (2 * H * nope * r + 2 * H * (2 * r + rope) * keys + 2 * H * r * vd)
             else:
                 c.flops += g.count * (2 * keys * kv_b + 2 * H * (nope + rope + vd) * _pairs(past, new, None))
+            c.scores += g.count * H * _pairs(past, new, None)
             c.state_bytes += g.count * keys * tok
             c.act_bytes += g.count * new * (H * (nope + rope) + r + rope + H * vd) * b
         c.state_resident += g.count * (g.past + g.new) * tok
@@ -168,13 +178,14 @@ def _ffn(m: ModelSpec, l: LayerSpec, name: str, w: Workload, T: float, b: int) -
         c = _gemm(name, T, h, 3 * m.intermediate_size, b, extra_act=resid)
         c.kind, c.gemms = "gemm", [(T, h, 2 * m.intermediate_size, 1), (T, m.intermediate_size, h, 1)]
         c.act_bytes = (T * 2 * h + resid) * b
+        c.ew_elems = T * (h + m.intermediate_size)  # residual add, SiLU-and-mul
         return c
     E, k, I = m.num_experts, m.top_k, m.expert_size
     expert_p = 3 * h * I + (2 * I + h) * m.expert_bias
     router_p = h * E + E * m.expert_bias
     shared_p = 3 * h * m.shared_size + h * m.shared_gate
     touched = E * (1 - (1 - k / E) ** T)  # expected distinct experts hit by T tokens routed top-k
-    c = OpCost(name, "moe")
+    c = OpCost(name, "moe", rows=T, ew_elems=T * (h + E + k * I + m.shared_size))  # residual, routing, SiLU-and-mul
     c.params = router_p + E * expert_p + shared_p
     c.active_params = router_p + k * expert_p + shared_p
     c.flops = 2 * T * (h * E + k * 3 * h * I + 3 * h * m.shared_size)
@@ -188,13 +199,14 @@ def _ffn(m: ModelSpec, l: LayerSpec, name: str, w: Workload, T: float, b: int) -
 
 
 def _norm(name: str, rows: float, h: int, b: int) -> OpCost:
-    return OpCost(name, "norm", flops=4 * rows * h, weight_bytes=h * b, act_bytes=2 * rows * h * b, params=h, active_params=h)
+    return OpCost(name, "norm", flops=4 * rows * h, weight_bytes=h * b, act_bytes=2 * rows * h * b, params=h, active_params=h,
+                  rows=rows)
 
 
 def model_ops(m: ModelSpec, w: Workload, dtype_bytes: int = 2, state_bytes: int = 4) -> list[OpCost]:
     """Costs of every named operation for one step of workload `w` (dtype_bytes: weights, activations, KV)."""
     b, h, T, V = dtype_bytes, m.hidden_size, w.tokens, m.vocab_size
-    ops = [OpCost("embed", "embed", act_bytes=2 * T * h * b, params=V * h, active_params=0)]
+    ops = [OpCost("embed", "embed", act_bytes=2 * T * h * b, params=V * h, active_params=0, rows=T)]
     for i, l in enumerate(m.layers):
         p = f"layers.{i}."
         ops.append(_norm(p + "attn_norm", T, h, b))

@@ -72,7 +72,8 @@ def _shard(o: OpCost, n: int) -> OpCost:
     if n == 1:
         return o
     return dataclasses.replace(o, flops=o.flops / n, weight_bytes=o.weight_bytes / n, state_bytes=o.state_bytes / n,
-                               act_bytes=o.act_bytes / n, gemms=[(M, K, N / n, c) for M, K, N, c in o.gemms])
+                               act_bytes=o.act_bytes / n, gemms=[(M, K, N / n, c) for M, K, N, c in o.gemms],
+                               scores=o.scores / n, ew_elems=o.ew_elems / n)
 
 
 def _op_time(ctx: Ctx, m: int, name: str, dev: str, n: int) -> tuple[float, str]:

@@ -173,9 +173,15 @@ def median(xs: list[float]) -> float:
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
 
 
-def low_median(xs: list[float]) -> float:
-    """Median of the faster half of the repetitions. On a shared machine, preemption and cache
-    pollution by other processes only ever add time; this drops those repetitions yet, unlike the
-    minimum, does not bet on a single lucky one. Calibration and validation both use it."""
-    s = sorted(xs)
-    return median(s[:max(1, (len(s) + 1) // 2)])
+def fast_time(xs: list[float]) -> float:
+    """The fastest repetition: other processes only ever add time (kept for raw diagnostics)."""
+    return min(xs)
+
+
+def speed_time(ratios: list[float], probe_ref: float) -> float:
+    """An operation's time on this shared machine, from its repetitions' times divided by a speed
+    probe's time measured next to each (runner.SpeedProbe): the median ratio times the probe's
+    undisturbed time. Other processes and the host slow the whole machine down by up to 2x for
+    seconds at a time; the ratio cancels that, the median drops what it does not cancel.
+    Calibration and validation both use it, so both measure the same quantity."""
+    return median(ratios) * probe_ref

@@ -2,9 +2,15 @@
 
 A whole forward pass runs layer after layer (random weights, random KV/state contents), so each
 operation meets the cache state it has in a real step: a model larger than the last-level cache
-streams its weights and KV from DRAM. Times are medians over repetitions, per operation name.
+streams its weights and KV from DRAM. A speed probe runs around every forward pass; an op's time is
+the median of its time / the probe's over the repetitions, times the probe's undisturbed time
+(reference.speed_time), which is much steadier on this shared machine than any raw statistic.
 """
 from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,12 +26,31 @@ def _w(*shape, dtype) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype).normal_(0, 0.02)
 
 
-class RefModel:
-    """Weights and caches of `spec` for batch B at up to `max_len` tokens."""
+CACHES = ("k", "v", "conv_state", "state")  # per-batch tensors; everything else in a layer is a weight
 
-    def __init__(self, spec: ModelSpec, dtype: str, batch: int, max_len: int):
+
+class RefModel:
+    """Weights and caches of `spec` for batch B at up to `max_len` tokens. `like`: a RefModel of the
+    same spec whose weights are reused (only the caches are allocated), to sweep a grid quickly."""
+
+    def __init__(self, spec: ModelSpec, dtype: str, batch: int, max_len: int, like: RefModel | None = None):
         self.s, self.dt, self.B, self.L = spec, DTYPES[dtype], batch, max_len
         s, dt, h = spec, self.dt, spec.hidden_size
+        if like is not None and like.s is spec and like.dt == dt:
+            self.embed, self.head = like.embed, like.head
+            self.layers = []
+            for l, q in zip(s.layers, like.layers):
+                p = {k: v for k, v in q.items() if k not in CACHES}
+                if l.attn in ("full", "sliding"):
+                    p["k"] = torch.randn(batch, s.num_kv_heads, max_len, s.head_dim, dtype=dt)
+                    p["v"] = torch.randn(batch, s.num_kv_heads, max_len, s.head_dim, dtype=dt)
+                elif l.attn == "gdn":
+                    p["conv_state"] = torch.randn(batch, q["conv_state"].shape[1], s.lin_conv, dtype=dt)
+                    p["state"] = torch.randn(batch, s.lin_v_heads, s.lin_k_dim, s.lin_v_dim) * 0.01
+                elif l.attn == "lightning":
+                    p["state"] = torch.randn(batch, s.lin_v_heads, s.lin_v_dim, s.lin_v_dim) * 0.01
+                self.layers.append(p)
+            return
         self.embed = _w(s.vocab_size, h, dtype=dt)
         self.head = self.embed if s.tie_embeddings else _w(s.vocab_size, h, dtype=dt)
         self.layers = []
@@ -137,8 +162,89 @@ class RefModel:
         run("lm_head", F.linear, hl, self.head)
 
 
+class SpeedProbe:
+    """A fixed small workload (GEMV and 64-row GEMM over cold weights, an RMSNorm: 12 torch calls,
+    ~5 ms) timed around every measurement. This 2-core machine is shared: other processes and the
+    host change its speed by up to 2x for seconds at a time, and every operation slows down with it
+    (the probe's time correlates 0.9 with a forward pass's). An operation's time divided by the
+    probe's time next to it is much steadier than the time itself (reference.speed_time)."""
+
+    def __init__(self):
+        bf = torch.bfloat16
+        self.pool = torch.empty(48 << 20, dtype=bf).normal_(0, 0.02)  # 96 MiB: weights come from DRAM
+        self.K, self.N = 576, 1728
+        self.copies = self.pool.numel() // (self.K * self.N)
+        self.x1, self.x64 = torch.randn(1, self.K, dtype=bf), torch.randn(64, self.K, dtype=bf)
+        self.wn = torch.ones(self.K, dtype=bf)
+        self.i = 0
+        self.history: list[float] = []
+
+    def _w(self) -> torch.Tensor:
+        self.i = (self.i + 1) % self.copies
+        return self.pool[self.i * self.K * self.N:(self.i + 1) * self.K * self.N].view(self.N, self.K)
+
+    def __call__(self) -> float:
+        with torch.inference_mode(), R.Timer() as t:
+            for _ in range(4):
+                F.linear(self.x1, self._w())
+                F.linear(self.x64, self._w())
+                R.rms_norm(self.x64, self.wn)
+        self.history.append(t.total)
+        return t.total
+
+    @property
+    def ref(self) -> float:
+        """The probe's undisturbed time in this run: its fastest repetition."""
+        return min(self.history)
+
+
+@dataclass
+class Timings:
+    """Per (model, workload) run and op name: raw seconds and seconds / probe of each repetition."""
+    raw: list[dict[str, list[float]]]
+    ratio: list[dict[str, list[float]]]
+    probe: SpeedProbe
+
+    def time(self, i: int, op: str, probe_ref: float | None = None) -> float:
+        """Seconds at the run's undisturbed speed (or at `probe_ref`): reference.speed_time."""
+        return R.speed_time(self.ratio[i][op], probe_ref or self.probe.ref)
+
+
+def time_forwards(models: dict[str, ModelSpec], workloads: list[Workload], dtype: str, passes: int, forwards: int,
+                  label: str = "", verbose: bool = False, probe: SpeedProbe | None = None) -> Timings:
+    """Every op of every (model, workload) run, over `passes` sweeps of the whole grid with
+    `forwards` timed forward passes each (after one warm-up), so that the repetitions of one op are
+    spread over minutes; the speed probe runs before and after each timed forward."""
+    probe = probe or SpeedProbe()
+    runs = [(name, spec, w) for name, spec in models.items() for w in workloads]
+    raw: list[dict[str, list[float]]] = [{} for _ in runs]
+    ratio: list[dict[str, list[float]]] = [{} for _ in runs]
+    for p in range(passes):
+        t0 = time.time()
+        like: dict[str, RefModel] = {}
+        for i, (name, spec, w) in enumerate(runs):
+            g = w.groups()[0]
+            ref = RefModel(spec, dtype, int(g.count), g.past + g.new, like=like.get(name))
+            like[name] = ref
+            with torch.inference_mode():
+                ref.forward(w, {})  # warm-up
+                for _ in range(forwards):
+                    one: dict[str, list[float]] = {}
+                    before = probe()
+                    ref.forward(w, one)
+                    speed = 0.5 * (before + probe())
+                    for op, ts in one.items():
+                        raw[i].setdefault(op, []).extend(ts)
+                        ratio[i].setdefault(op, []).extend(t / speed for t in ts)
+        del like, ref
+        if verbose:
+            print(f"  {label}pass {p + 1}/{passes}: {time.time() - t0:.0f}s, load {os.getloadavg()[0]:.1f}, "
+                  f"probe {probe.ref * 1e3:.2f} ms (median {R.median(probe.history) * 1e3:.2f})")
+    return Timings(raw, ratio, probe)
+
+
 def measure(spec: ModelSpec, w: Workload, dtype: str = "bf16", reps: int = 5, model: RefModel | None = None) -> dict[str, float]:
-    """Seconds per operation name over `reps` forwards after one warm-up (reference.low_median)."""
+    """Seconds per operation name over `reps` forwards after one warm-up (reference.fast_time)."""
     g = w.groups()[0]
     m = model or RefModel(spec, dtype, int(g.count), g.past + g.new)
     times: dict[str, list[float]] = {}
@@ -146,4 +252,4 @@ def measure(spec: ModelSpec, w: Workload, dtype: str = "bf16", reps: int = 5, mo
         m.forward(w, {})
         for _ in range(reps):
             m.forward(w, times)
-    return {k: R.low_median(v) for k, v in times.items()}
+    return {k: R.fast_time(v) for k, v in times.items()}

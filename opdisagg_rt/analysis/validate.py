@@ -2,7 +2,9 @@
 
 Each grid point runs whole forward passes with the reference torch ops (runner.py); an entry is
 one operation role of one layer kind (e.g. `layers.*.attn [gdn]`) summed over its layers, or a
-model-level op (embed, final_norm, lm_head). Error = (predicted - measured) / measured.
+model-level op (embed, final_norm, lm_head). Error = (predicted - measured) / measured. Each op's
+measured time is reference.speed_time over its repetitions in several sweeps of the grid (the
+median of time / speed-probe time, times the probe's undisturbed time in this run), as in calibration.
 """
 from __future__ import annotations
 
@@ -15,8 +17,7 @@ import torch
 from opdisagg_rt.analysis.hardware import CPU_PROFILE, cpu_device
 from opdisagg_rt.analysis.models import load_model, parse_hf_config
 from opdisagg_rt.analysis.ops import model_ops
-from opdisagg_rt.analysis.reference import low_median
-from opdisagg_rt.analysis.runner import RefModel
+from opdisagg_rt.analysis.runner import time_forwards
 from opdisagg_rt.analysis.workload import Workload
 
 # sliding window + Gated DeltaNet + full attention, MoE with a shared expert; weights (~0.5 GB)
@@ -44,7 +45,7 @@ def _key(op: str, spec) -> str:
 
 
 def validate(profile: str | Path | None = None, quick: bool = False, dtype: str = "bf16", verbose: bool = True,
-             threads: int = 1) -> dict:
+             threads: int = 1, passes: int = 5) -> dict:
     path = Path(profile) if profile else CPU_PROFILE
     if not path.exists():
         raise FileNotFoundError(f"no CPU profile at {path}: run `python -m opdisagg_rt.analyze calibrate` first")
@@ -55,37 +56,37 @@ def validate(profile: str | Path | None = None, quick: bool = False, dtype: str 
     torch.set_num_threads(threads)  # the profile's thread count
     rows = []
     runs = [(mname, spec, w) for mname, spec in models.items() for w in grid(quick)]
-    times: dict[int, dict[str, list[float]]] = {i: {} for i in range(len(runs))}
     try:
-        # the grid is swept twice; each op keeps the low median over both passes' repetitions, so
-        # a burst of load from other processes during one pass does not decide its figure
-        for p in range(1 if quick else 2):
-            for i, (mname, spec, w) in enumerate(runs):
-                g = w.groups()[0]
-                ref = RefModel(spec, dtype, int(g.count), g.past + g.new)
-                with torch.inference_mode():
-                    ref.forward(w, {})  # warm-up
-                    for _ in range(2 if quick else 3):
-                        ref.forward(w, times[i])
-                del ref
-                if verbose:
-                    print(f"  pass {p + 1} {mname} {w.phase} b={w.batch} ctx={w.context[0][0]}")
+        # the grid is swept in several passes with the speed probe around every forward; an op's time
+        # is its median time / probe ratio times the probe's undisturbed time in this run
+        # (reference.speed_time), as in calibration
+        tm = time_forwards(models, grid(quick), dtype, 1 if quick else passes, 2, "validation ", verbose)
     finally:
         torch.set_num_threads(prev)
+    cal_ref = dev.profile.meta.get("probe_us", 0) * 1e-6 or None
     for i, (mname, spec, w) in enumerate(runs):
         agg: dict[str, list] = {}
         for o in model_ops(spec, w, 2 if dtype == "bf16" else 4):
-            a = agg.setdefault(_key(o.op, spec), [0.0, 0.0, o.kind])
-            a[0] += low_median(times[i][o.op])
+            a = agg.setdefault(_key(o.op, spec), [0.0, 0.0, o.kind, 0.0])
+            a[0] += tm.time(i, o.op)
             a[1] += dev.op_time(o, dtype)[0]
-        for op, (m, p, kind) in agg.items():
+            a[3] += tm.time(i, o.op, cal_ref)
+        for op, (m, p, kind, m_cal) in agg.items():
             rows.append({"model": mname, "phase": w.phase, "batch": w.batch, "context": w.context[0][0],
                          "op": op, "kind": kind, "measured_us": m * 1e6, "predicted_us": p * 1e6,
-                         "err_pct": 100 * (p - m) / m})
+                         "err_pct": 100 * (p - m) / m, "measured_at_calibration_speed_us": m_cal * 1e6})
     errs = np.abs([r["err_pct"] for r in rows])
+
+    def stats(key: str) -> dict:
+        e = np.abs([100 * (r["predicted_us"] - r[key]) / r[key] for r in rows])
+        return {"median_abs_err_pct": float(np.median(e)), "p90_abs_err_pct": float(np.percentile(e, 90))}
     return {"median_abs_err_pct": float(np.median(errs)), "p90_abs_err_pct": float(np.percentile(errs, 90)),
-            "n": len(rows), "profile": str(path), "threads": threads, "dtype": dtype,
-            "loadavg_before_after": [round(load0, 2), round(os.getloadavg()[0], 2)], "ops": rows}
+            "n": len(rows), "profile": str(path), "threads": threads, "dtype": dtype, "passes": 1 if quick else passes,
+            "loadavg_before_after": [round(load0, 2), round(os.getloadavg()[0], 2)],
+            # diagnostics: the machine's undisturbed speed now vs at calibration (the probe's time ratio,
+            # > 1: slower now), and the errors with the measured times quoted at the calibration's speed
+            "speed_vs_calibration": tm.probe.ref / cal_ref if cal_ref else None,
+            "at_calibration_speed": stats("measured_at_calibration_speed_us") if cal_ref else None, "ops": rows}
 
 
 def format_report(rep: dict) -> str:
@@ -94,6 +95,10 @@ def format_report(rep: dict) -> str:
         lines.append(f"{r['model']:13s} {r['phase']:7s} {r['batch']:>3d} {r['context']:>5d} {r['op']:32s} "
                      f"{r['measured_us']:12.1f} {r['predicted_us']:12.1f} {r['err_pct']:7.1f}")
     lines.append(f"load average before/after: {rep['loadavg_before_after']} (2 cores; other processes skew CPU timings)")
+    if rep.get("speed_vs_calibration"):
+        c = rep["at_calibration_speed"]
+        lines.append(f"machine speed vs calibration: probe {rep['speed_vs_calibration']:.2f}x the calibration's time; "
+                     f"at the calibration's speed: median |error| {c['median_abs_err_pct']:.1f}%, p90 {c['p90_abs_err_pct']:.1f}%")
     lines.append(f"{rep['n']} entries: median |error| {rep['median_abs_err_pct']:.1f}% (bar 15%), "
                  f"p90 {rep['p90_abs_err_pct']:.1f}% (bar 35%)")
     return "\n".join(lines)

@@ -52,8 +52,10 @@ def quick_profile(tmp_path_factory):
 
 def test_calibrate_quick_writes_a_profile(quick_profile):
     path, prof = quick_profile
-    assert json.loads(path.read_text())["gemm_fit"]["gflops_max"] > 0
-    assert {"norm", "attn", "attn_decode", "linear_attn", "linear_attn_decode", "moe"} <= set(prof["curves"])
+    d = json.loads(path.read_text())
+    assert d["meta"]["format"] == 2 and d["meta"]["probe_us"] > 0 and d["gemm"]["bf16"]["log2_gflops"]
+    assert {"gemm", "norm", "embed", "attn[full]", "attn_decode[full]", "linear_attn[gdn]", "linear_attn_decode[gdn]",
+            "moe"} <= set(prof["curves"])
     assert prof["meta"]["threads"] == 1 and prof["samples"]
     dev = cpu_device(path)
     assert dev.name == "cpu" and dev.profile is not None
