@@ -1,4 +1,4 @@
-"""`python -m opdisagg_rt.analyze {ops,params,roofline,plan,calibrate,validate}`: the analytical framework's CLI.
+"""`python -m opdisagg_rt.analyze {ops,params,roofline,plan,calibrate,validate,pipeline}`: the analytical framework's CLI.
 
 Every subcommand takes --json for machine-readable output (shapes documented in docs/analysis.md).
 """
@@ -114,6 +114,22 @@ def cmd_validate(a) -> int:
     return 0
 
 
+def cmd_pipeline(a) -> int:
+    from opdisagg_rt.analysis.pipeline import (BenchWorkload, format_prediction, measure_host,
+                                               measure_thread_scaling, measure_transport_cpu, predict)
+    if a.measure:
+        out = {"thread_speedup": {str(a.threads): measure_thread_scaling(a.model, threads=a.threads)},
+               "host_us": measure_host(), "msg_cpu_us": measure_transport_cpu()}
+        print(json.dumps(out, indent=1))
+        return 0
+    if not a.spec:
+        raise ValueError("--spec is required (or --measure)")
+    p = predict(a.spec, a.model, BenchWorkload(a.num_requests, a.input_len, a.output_len, a.max_num_seqs,
+                                               a.max_num_batched_tokens), profile=a.profile, dtype=a.dtype, cores=a.cores)
+    print(json.dumps(p) if a.json else format_prediction(p))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m opdisagg_rt.analyze", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -151,6 +167,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_validate)
+    p = sub.add_parser("pipeline", help="predicted throughput of a stage spec vs the colocated engine on this CPU")
+    p.add_argument("--spec", default=None, help="stage spec (YAML/JSON) as the runtime reads it")
+    p.add_argument("--model", default="smollm2-135m", help="preset name or path to an HF config.json")
+    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--profile", default=None, help="calibrated CPU profile (default: the package's)")
+    p.add_argument("--cores", type=int, default=None, help="cores shared by the stages and the engine (default: this machine's)")
+    p.add_argument("--measure", action="store_true", help="measure the thread scaling and engine overheads it assumes")
+    p.add_argument("--threads", type=int, default=2, help="--measure: thread count to compare with one")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_pipeline)
     a = ap.parse_args(argv)
     try:
         return a.fn(a)

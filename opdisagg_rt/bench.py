@@ -19,8 +19,8 @@ def percentile(values: list[float], q: float) -> float:
 def random_prompts(num: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     """Random token ids (as vLLM's random dataset): the same prompts for every system."""
     g = torch.Generator().manual_seed(seed)
-    # Skip the low ids, where tokenizers keep their special tokens.
-    return torch.randint(1000, vocab, (num, length), generator=g).tolist()
+    # Skip the low ids, where tokenizers keep their special tokens (a tiny test vocab: its first quarter).
+    return torch.randint(min(1000, vocab // 4), vocab, (num, length), generator=g).tolist()
 
 
 def run_engine(engine, prompts: list[list[int]], output_len: int) -> dict:
@@ -98,6 +98,11 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--layer-sweep" in argv:  # one layer of each attention type against context length
+        from opdisagg_rt import bench_layers
+        argv.remove("--layer-sweep")
+        return bench_layers.main(argv, prog="python -m opdisagg_rt.bench --layer-sweep")
     ap = argparse.ArgumentParser(prog="python -m opdisagg_rt.bench", description=__doc__)
     ap.add_argument("--model", default=None, help="GGUF file or HF directory (default: embedded SmolLM2)")
     ap.add_argument("--num-requests", type=int, default=32)
@@ -110,7 +115,11 @@ def main(argv: list[str] | None = None) -> dict:
                     help="peer to run in the same process (no-store: the kv-store workloads without a store)")
     ap.add_argument("--stage-spec", default=None, help="disagg: run the engine on the stages of this spec (YAML/JSON); "
                     "--compare colocated adds the one-process engine as peers.colocated")
+    ap.add_argument("--cost-profile", default=None, help="disagg: calibrated CPU profile for the predicted ratio "
+                    "(default: the package's analysis/data/cpu_profile.json)")
     ap.add_argument("--profile", action="store_true", help="also time each operation of one decode step")
+    ap.add_argument("--layer-sweep", action="store_true", help="time one layer of each attention type against "
+                    "context length instead (options: python -m opdisagg_rt.bench --layer-sweep --help)")
     ap.add_argument("--json", dest="json_path", help="write results as JSON here")
     ap.add_argument("--plot", help="write a PNG chart here")
     # -- kvstore workloads (opdisagg_rt/bench_workloads.py) --
@@ -147,21 +156,49 @@ def main(argv: list[str] | None = None) -> dict:
         result["decode_step_profile_ms"] = profile_decode_step(
             engine, args.num_requests, args.input_len + args.output_len // 2)
     if args.stage_spec:  # --- disagg (issue 6) ---
+        import os
         result["workload"]["stage_spec"] = args.stage_spec
-        st = engine.runner.stats(trace=bool(args.plot))
+        load = {"disagg": os.getloadavg()}
+        st = engine.runner.stats(trace=True)
+        from opdisagg_rt.disagg.plots import plot_timeline, trace_utilization
         if args.plot:
-            from opdisagg_rt.disagg.plots import plot_timeline
             plot_timeline(st, args.plot.removesuffix(".png") + "_timeline.png")
         result["disagg"] = {k: v for k, v in st.items() if k in ("per_step", "memory")}
         result["disagg"]["busy_s"] = {k: v["busy_s"] for k, v in st["stages"].items()}
+        result["disagg"]["busy_fraction_end_of_run"] = trace_utilization(st)
+        if "engine_turnaround_ms" in st:
+            result["disagg"]["engine_turnaround_ms"] = st["engine_turnaround_ms"]
+        print("stage busy fraction (end of run):", {k: round(v, 2) for k, v in result["disagg"]["busy_fraction_end_of_run"].items()},
+              "engine turnaround per stream step: %.2f ms" % st.get("engine_turnaround_ms", float("nan")))
         engine.shutdown()
         if "colocated" in args.compare:
             colo = Engine(loaded, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens)
+            load["colocated"] = os.getloadavg()
             result["peers"]["colocated"] = run_engine(colo, prompts, args.output_len)
             result["ratio_vs_colocated"] = (result["engine"]["throughput_tok_s"]
                                             / result["peers"]["colocated"]["throughput_tok_s"])
-            del colo  # --- end disagg ---
+            del colo
+        load["end"] = os.getloadavg()
+        result["disagg"]["loadavg_1_5_15"] = {k: [round(x, 2) for x in v] for k, v in load.items()}
+        # what the analysis framework predicts for this spec on this machine's calibrated profile
+        from opdisagg_rt.analysis.pipeline import BenchWorkload, format_prediction, model_spec_from_config, predict
+        try:
+            pred = predict(args.stage_spec, model_spec_from_config(loaded.config, loaded.source),
+                           BenchWorkload(args.num_requests, args.input_len, args.output_len, args.max_num_seqs,
+                                         args.max_num_batched_tokens), profile=args.cost_profile,
+                           dtype="bf16" if args.dtype == "bfloat16" else "fp32")
+        except (FileNotFoundError, ValueError) as e:
+            print(f"no prediction: {e}")
+        else:
+            if "ratio_vs_colocated" in result:
+                pred["measured_ratio"] = result["ratio_vs_colocated"]
+                pred["error_pct"] = 100 * (result["ratio_vs_colocated"] - pred["ratio_vs_colocated"]) / pred["ratio_vs_colocated"]
+            result["prediction"] = pred
+            print(format_prediction(pred))
+            if "measured_ratio" in pred:
+                print(f"  measured ratio {pred['measured_ratio']:.2f}x ({pred['error_pct']:+.0f}% vs predicted)")
+        # --- end disagg ---
     del engine
     if "hf" in args.compare:
         result["peers"]["hf"] = run_hf(loaded, prompts, args.output_len, getattr(torch, args.dtype))

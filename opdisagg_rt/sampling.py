@@ -111,6 +111,14 @@ class SamplerOutput:
     logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
+@dataclass(slots=True)
+class Presampled:
+    """What a runner hands the engine instead of logits when the tokens were already sampled
+    where the logits are: the disaggregated stage that owns `lm_head` runs this same Sampler
+    (opdisagg_rt.disagg.sampling), so the logits never leave it. Sampler.sample returns `output`."""
+    output: SamplerOutput
+
+
 def make_generator(seed: int) -> torch.Generator:
     """A per-request generator; the engine keeps it with the request across steps."""
     return torch.Generator().manual_seed(seed)
@@ -205,6 +213,10 @@ class Sampler:
         generators: list[torch.Generator | None] | None = None,  # per-row seeded generators
         eos_token_ids: list[int] | tuple[int, ...] = (),  # masked (with stop_token_ids) under min_tokens
     ) -> SamplerOutput:
+        if isinstance(logits, Presampled):  # sampled on the stage that holds the logits
+            assert len(logits.output.token_ids) == len(params), \
+                f"{len(logits.output.token_ids)} presampled rows but {len(params)} SamplingParams"
+            return logits.output
         n = logits.shape[0]
         assert len(params) == n, f"{n} logits rows but {len(params)} SamplingParams"
         if n == 0:

@@ -119,13 +119,14 @@ OPDISAGG_AMX_TARGET void store_rows(const Args& g, const float* c, int64_t m0, i
   }
 }
 
-// Weight sources: each hands run_blocks one column block as Kb steps of two bf16 B tiles
+// Weight sources: each gives run_blocks a column block as Kb steps of two bf16 B tiles
 // ([kb][t][16][32], 2 KiB per step).
 //
 // Bf16Source: the block sits in the packed weight as is; its stream is prefetched a few steps
 // ahead while the tiles of the current step multiply.
 struct Bf16Source {
-  OPDISAGG_AMX_TARGET const uint16_t* block(const Args& g, int64_t nb, uint16_t* /*scratch*/) const {
+  static constexpr bool kExpands = false;
+  OPDISAGG_AMX_TARGET const uint16_t* block(const Args& g, int64_t nb) const {
     const uint16_t* b = static_cast<const uint16_t*>(g.packed) + nb * g.Kb * kBlockStepElems;
     const char* bytes = reinterpret_cast<const char*>(b);
     const int64_t n = g.Kb * kBlockStepElems * 2;
@@ -135,8 +136,8 @@ struct Bf16Source {
   }
 };
 
-// Q4_1 (GGUF) weights, 0.625 bytes per weight instead of 2: the block is expanded to bf16 in a
-// per-thread buffer (L1/L2) right before its tiles multiply. Packed by ops.pack_weight_amx_q4_1
+// Q4_1 (GGUF) weights, 0.625 bytes per weight instead of 2: each k step is expanded to bf16 tiles
+// in L1 right before they multiply (see run_blocks). Packed by ops.pack_weight_amx_q4_1
 // as uint8 [Nb, Kb, 640] per (column block, k step): 512 bytes of quants [t][r][j], then
 // float16 scales d[t][n] and mins m[t][n] of columns 16 t + n. The nibbles of byte j of tile
 // row r are laid out so that one VCVTNE2PS2BF16 emits the tile row in its pair-interleaved
@@ -146,33 +147,30 @@ struct Bf16Source {
 constexpr int64_t kQ4StepBytes = 640;
 
 struct Q4_1Source {
-  OPDISAGG_AMX_TARGET const uint16_t* block(const Args& g, int64_t nb, uint16_t* scratch) const {
-    const uint8_t* src = static_cast<const uint8_t*>(g.packed) + nb * g.Kb * kQ4StepBytes;
+  static constexpr bool kExpands = true;
+  // One k step of column block nb -> its two bf16 B tiles in dst (2 KiB).
+  OPDISAGG_AMX_TARGET void expand_step(const Args& g, int64_t nb, int64_t kb, uint16_t* dst) const {
+    const uint8_t* step = static_cast<const uint8_t*>(g.packed) + (nb * g.Kb + kb) * kQ4StepBytes;
     const __m512i low4 = _mm512_set1_epi32(0xf);
     // Lane j of a row's first half belongs to column j / 2, of its second half to 8 + j / 2.
     const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
     const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
-    for (int64_t kb = 0; kb < g.Kb; ++kb) {
-      const uint8_t* step = src + kb * kQ4StepBytes;
-      const char* ahead = reinterpret_cast<const char*>(step + kPrefetchSteps * kQ4StepBytes);
-      for (int line = 0; line < kQ4StepBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
-      uint16_t* dst = scratch + kb * kBlockStepElems;
-      const uint16_t* dm = reinterpret_cast<const uint16_t*>(step + 512);
-      for (int t = 0; t < 2; ++t) {
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + 32 * t)));
-        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + 32 * t + 16)));
-        const __m512 d0 = _mm512_permutexvar_ps(first, d), d1 = _mm512_permutexvar_ps(second, d);
-        const __m512 m0 = _mm512_permutexvar_ps(first, m), m1 = _mm512_permutexvar_ps(second, m);
-        for (int r = 0; r < 16; ++r) {
-          const __m512i q = _mm512_cvtepu8_epi32(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(step + t * 256 + r * 16)));
-          const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low4)), d0, m0);
-          const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), d1, m1);
-          _mm512_storeu_si512(dst + t * 512 + r * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-        }
+    const char* ahead = reinterpret_cast<const char*>(step + kPrefetchSteps * kQ4StepBytes);
+    for (int line = 0; line < kQ4StepBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+    const uint16_t* dm = reinterpret_cast<const uint16_t*>(step + 512);
+    for (int t = 0; t < 2; ++t) {
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + 32 * t)));
+      const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + 32 * t + 16)));
+      const __m512 d0 = _mm512_permutexvar_ps(first, d), d1 = _mm512_permutexvar_ps(second, d);
+      const __m512 m0 = _mm512_permutexvar_ps(first, m), m1 = _mm512_permutexvar_ps(second, m);
+      for (int r = 0; r < 16; ++r) {
+        const __m512i q = _mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(step + t * 256 + r * 16)));
+        const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low4)), d0, m0);
+        const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), d1, m1);
+        _mm512_storeu_si512(dst + t * 512 + r * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
       }
     }
-    return scratch;
   }
 };
 
@@ -183,45 +181,55 @@ struct Q4_1Source {
 constexpr int64_t kQ8StepBytes = 1088;
 
 struct Q8_0Source {
-  OPDISAGG_AMX_TARGET const uint16_t* block(const Args& g, int64_t nb, uint16_t* scratch) const {
-    const uint8_t* src = static_cast<const uint8_t*>(g.packed) + nb * g.Kb * kQ8StepBytes;
+  static constexpr bool kExpands = true;
+  OPDISAGG_AMX_TARGET void expand_step(const Args& g, int64_t nb, int64_t kb, uint16_t* dst) const {
+    const uint8_t* step = static_cast<const uint8_t*>(g.packed) + (nb * g.Kb + kb) * kQ8StepBytes;
     const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
     const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
-    for (int64_t kb = 0; kb < g.Kb; ++kb) {
-      const uint8_t* step = src + kb * kQ8StepBytes;
-      const char* ahead = reinterpret_cast<const char*>(step + kPrefetchSteps * kQ8StepBytes);
-      for (int line = 0; line < kQ8StepBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
-      uint16_t* dst = scratch + kb * kBlockStepElems;
-      const uint16_t* ds = reinterpret_cast<const uint16_t*>(step + 1024);
-      for (int t = 0; t < 2; ++t) {
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ds + 16 * t)));
-        const __m512 d0 = _mm512_permutexvar_ps(first, d), d1 = _mm512_permutexvar_ps(second, d);
-        for (int r = 0; r < 16; ++r) {
-          const int8_t* q = reinterpret_cast<const int8_t*>(step + t * 512 + r * 32);
-          const __m512 lo = _mm512_mul_ps(
-              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)))), d0);
-          const __m512 hi = _mm512_mul_ps(
-              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)))), d1);
-          _mm512_storeu_si512(dst + t * 512 + r * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-        }
+    const char* ahead = reinterpret_cast<const char*>(step + kPrefetchSteps * kQ8StepBytes);
+    for (int line = 0; line < kQ8StepBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+    const uint16_t* ds = reinterpret_cast<const uint16_t*>(step + 1024);
+    for (int t = 0; t < 2; ++t) {
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ds + 16 * t)));
+      const __m512 d0 = _mm512_permutexvar_ps(first, d), d1 = _mm512_permutexvar_ps(second, d);
+      for (int r = 0; r < 16; ++r) {
+        const int8_t* q = reinterpret_cast<const int8_t*>(step + t * 512 + r * 32);
+        const __m512 lo = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)))), d0);
+        const __m512 hi = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)))), d1);
+        _mm512_storeu_si512(dst + t * 512 + r * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
       }
     }
-    return scratch;
   }
 };
 
 // Column blocks [nb0, nb1): for each, every 32-row chunk of A accumulates over all k steps in
-// the tile registers (the block's tiles are read from memory once; later row chunks find them
-// in L1/L2).
+// the tile registers. A bf16 block is read in place (later row chunks find it in L1/L2). A GGUF
+// block with one row chunk (decode batches up to 32) is expanded one k step at a time into a
+// two-step ring right before its tiles multiply, so the vector expansion of step k + 1 overlaps
+// the tile math of step k and A stays in L1; with more row chunks the whole block is expanded
+// once into a per-thread buffer that every chunk reads.
 template <class Source>
 OPDISAGG_AMX_TARGET void run_blocks(const Args& g, const Source& source, int64_t nb0, int64_t nb1) {
   load_tile_config();
   alignas(64) float c[2][kTileRows * kBlockN];  // [row tile][16 rows x 32 columns]
+  alignas(64) uint16_t ring[2][kBlockStepElems];
   thread_local std::vector<uint16_t> scratch;
-  if (int64_t(scratch.size()) < g.Kb * kBlockStepElems) scratch.resize(g.Kb * kBlockStepElems);
+  const bool streamed = Source::kExpands && g.Mp <= 2 * kTileRows;
+  if (!streamed && int64_t(scratch.size()) < g.Kb * kBlockStepElems)
+    scratch.resize(g.Kb * kBlockStepElems);
   const int64_t Kp = g.Kb * kStepK, a_stride = Kp * 2;
   for (int64_t nb = nb0; nb < nb1; ++nb) {
-    const uint16_t* bblock = source.block(g, nb, scratch.data());
+    const uint16_t* bblock = nullptr;
+    if constexpr (Source::kExpands) {
+      if (!streamed) {
+        for (int64_t kb = 0; kb < g.Kb; ++kb) source.expand_step(g, nb, kb, scratch.data() + kb * kBlockStepElems);
+        bblock = scratch.data();
+      }
+    } else {
+      bblock = source.block(g, nb);
+    }
     for (int64_t m0 = 0; m0 < g.Mp; m0 += 2 * kTileRows) {
       const bool two = m0 + kTileRows < g.Mp;
       const uint16_t* a0 = g.a + m0 * Kp;
@@ -231,10 +239,20 @@ OPDISAGG_AMX_TARGET void run_blocks(const Args& g, const Source& source, int64_t
       _tile_zero(2);
       _tile_zero(3);
       for (int64_t kb = 0; kb < g.Kb; ++kb) {
-        const uint16_t* b = bblock + kb * kBlockStepElems;
-        if (m0 == 0 && std::is_same_v<Source, Bf16Source>) {  // keep the weight stream ahead
-          const char* ahead = reinterpret_cast<const char*>(b + kPrefetchSteps * kBlockStepElems);
-          for (int line = 0; line < 2 * 1024; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+        const uint16_t* b;
+        if constexpr (Source::kExpands) {
+          if (streamed) {
+            source.expand_step(g, nb, kb, ring[kb & 1]);
+            b = ring[kb & 1];
+          } else {
+            b = bblock + kb * kBlockStepElems;
+          }
+        } else {
+          b = bblock + kb * kBlockStepElems;
+          if (m0 == 0) {  // keep the weight stream ahead
+            const char* ahead = reinterpret_cast<const char*>(b + kPrefetchSteps * kBlockStepElems);
+            for (int line = 0; line < 2 * 1024; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+          }
         }
         _tile_loadd(6, b, 64);
         _tile_loadd(7, b + 512, 64);

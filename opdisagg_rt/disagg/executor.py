@@ -2,13 +2,17 @@
 worker processes, as a stage spec places the operations.
 
 Per step the engine sends each stage the step's metadata once per micro-batch (metadata
-caching); the stages then exchange only activations, and the stage that runs `lm_head` returns
-the logits. A one-stage spec on this host runs in the engine process exactly like ModelRunner.
+caching); the stages then exchange only activations, and the stage that runs `lm_head` samples
+(the engine's Sampler, with each row's sampling parameters sent along with the metadata) and
+returns token ids, so the logits never cross (spec `sample_on_stage: false` returns the logits
+for the engine to sample instead). A one-stage spec on this host runs in the engine process
+exactly like ModelRunner.
 """
 from __future__ import annotations
 
 import atexit
 import dataclasses
+import json
 import logging
 import os
 import socket
@@ -20,6 +24,7 @@ import torch
 import torch.multiprocessing as tmp
 
 from opdisagg_rt.disagg.graph import DRIVER, OpSig, build_graph
+from opdisagg_rt.disagg.sampling import merge_outputs
 from opdisagg_rt.disagg.meta import DisaggBatch, encode_batch, metadata_bytes, split_micro_batches
 from opdisagg_rt.disagg.spec import StageSpec, parse_stage_spec
 from opdisagg_rt.disagg.transport import PeerGone
@@ -32,6 +37,7 @@ from opdisagg_rt.model_runner import ModelRunner
 from opdisagg_rt.models.executor import run_ops
 from opdisagg_rt.models.loader import LoadedModel
 from opdisagg_rt.models.registry import build_model_ops
+from opdisagg_rt.sampling import Presampled
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +79,19 @@ class DisaggRunner(ModelRunner):
         self.failed: str | None = None
         self.step_id = 0
         self.collect_next: int | None = None  # streams: the stream whose logits execute() returns
+        self.sample_on_stage = not self.inline and bool(self.spec.raw.get("sample_on_stage", True))
+        self.sample_seed = int(self.spec.raw.get("sample_seed", 0))
+        tok = getattr(loaded, "tokenizer", None)
+        self.eos_token_ids = list((tok.eos_token_ids if tok is not None else None) or loaded.config.eos_token_ids or [])
+        self.encoder = None
+        if self.sample_on_stage:
+            from opdisagg_rt.disagg.sampling import SampleEncoder
+            self.encoder = SampleEncoder()
+        self.out_stage = next(msg.src for msg in self.graph.messages() if msg.dst == DRIVER)
         self.memory: dict[str, dict] = {}
-        self.counters = {"steps": 0, "meta_bytes": 0, "meta_bytes_uncached": 0, "logits_bytes": 0}
+        self.counters = {"steps": 0, "meta_bytes": 0, "meta_bytes_uncached": 0, "logits_bytes": 0,
+                         "sample_bytes": 0, "token_bytes": 0, "turnaround_s": 0.0, "turnarounds": 0}
+        self.collected_at: dict[int, float] = {}
         self._finalizer = weakref.finalize(self, DisaggRunner._cleanup, self.procs, self.rings, self.segments)
         atexit.register(self._finalizer)
 
@@ -97,6 +114,12 @@ class DisaggRunner(ModelRunner):
                                      "attn_layers": len(self.attn_ops), "pid": os.getpid()}}
         else:
             self._start_workers()
+            # The stages are the compute; the engine process only schedules, prepares metadata and
+            # detokenizes. Its idle OpenMP threads would spin on the cores the stages run on.
+            local = sum(s.threads for s in self.spec.stages if s.host is None and s.device == "cpu")
+            if local >= (os.cpu_count() or 1) and torch.get_num_threads() > 1:
+                logger.info("stages use all %d cores: the engine process runs torch with 1 thread", os.cpu_count())
+                torch.set_num_threads(1)
         self.loaded = None  # the workers hold the weights now
         return num_blocks
 
@@ -116,6 +139,8 @@ class DisaggRunner(ModelRunner):
         meta_slot = 8 * (4 * self.max_tokens + 4 * self.max_seqs + 8
                          + self.max_seqs * (self.max_positions // self.block_size + 2)) + 64 * self.max_seqs + 65536
         S = self.num_streams
+        # sampling on the stage: rows with penalties / min_tokens carry their token ids
+        hist_bytes = 8 * self.max_seqs * self.max_positions if self.sample_on_stage else 0
         if spec.transport == "dist":
             world = len(spec.stages) + 1
             ranks = {DRIVER: 0, **{s.name: s.index + 1 for s in spec.stages}}
@@ -140,7 +165,8 @@ class DisaggRunner(ModelRunner):
                 for s in spec.stages:
                     out = rows["logits"] * self.max_seqs if any(msg.src == s.name for msg in graph.messages()
                                                                    if msg.dst == DRIVER) else 0
-                    eps[s.name]["streams"][k]["ctrl"] = ShmRing.spec(m + 1, meta_slot, ctx)
+                    extra = hist_bytes if s.name == self.out_stage else 0
+                    eps[s.name]["streams"][k]["ctrl"] = ShmRing.spec(m + 1, meta_slot + extra, ctx)
                     eps[s.name]["streams"][k]["to_driver"] = ShmRing.spec(m + 1, out + 65536, ctx)
             for e in eps.values():  # the engine creates (and later unlinks) every segment
                 for st in e["streams"]:
@@ -153,6 +179,8 @@ class DisaggRunner(ModelRunner):
                 "status": status.name, "status_size": status.size}
         for s in spec.stages:
             cfg = {**base, "stage": s.name, "index": s.index, "threads": s.threads, "device": s.device, "ops": s.ops}
+            if self.sample_on_stage and s.name == self.out_stage:
+                cfg["sample"] = {"seed": self.sample_seed, "eos": self.eos_token_ids}
             p = ctx.Process(target=worker_main, args=(dumps(cfg), eps[s.name]), name=f"opdisagg-stage-{s.name}",
                             daemon=True)
             p.start()
@@ -170,7 +198,6 @@ class DisaggRunner(ModelRunner):
             self.to_drivers = [{s.name: by_name[eps[s.name]["streams"][k]["to_driver"]["name"]] for s in spec.stages}
                                for k in range(S)]
         self.ctrl, self.to_driver = self.ctrls[0], self.to_drivers[0]  # stream 0 also carries commands
-        self.out_stage = next(msg.src for msg in graph.messages() if msg.dst == DRIVER)
         deadline = time.monotonic() + max(self.spec.timeout_s, 300)
         for s in spec.stages:
             h, _ = self._recv(s.name, deadline, "start-up")
@@ -186,7 +213,11 @@ class DisaggRunner(ModelRunner):
     def prepare(self, scheduled) -> DisaggBatch:
         if self.collect_next is not None:  # streams: this step was prepared and sent already
             return DisaggBatch([])
-        return DisaggBatch([ModelRunner.prepare(self, g) for g in split_micro_batches(scheduled, self.micro_batches)])
+        groups = split_micro_batches(scheduled, self.micro_batches)
+        batch = DisaggBatch([ModelRunner.prepare(self, g) for g in groups])
+        if self.encoder is not None:
+            batch.samples = [self.encoder.encode(g) for g in groups]
+        return batch
 
     @torch.inference_mode()
     def execute(self, batch) -> torch.Tensor:
@@ -197,11 +228,15 @@ class DisaggRunner(ModelRunner):
         if self.collect_next is not None:
             k, self.collect_next = self.collect_next, None
             return self.collect(k)
-        return self._guard(lambda: self._step(parts, 0))
+        return self._guard(lambda: self._step(parts, 0, getattr(batch, "samples", None)))
 
     def submit(self, stream: int, batch: DisaggBatch) -> None:
         """Streams: start a step of `stream` and return at once (collect() gets its logits)."""
-        self._guard(lambda: self._send_step(batch.parts, stream))
+        done = self.collected_at.pop(stream, None)
+        if done is not None:  # the engine's turnaround: this stream's tokens in -> its next step out
+            self.counters["turnaround_s"] += time.perf_counter() - done
+            self.counters["turnarounds"] += 1
+        self._guard(lambda: self._send_step(batch.parts, stream, batch.samples))
 
     def collect(self, stream: int) -> torch.Tensor:
         return self._guard(lambda: self._collect(1, stream))
@@ -219,11 +254,11 @@ class DisaggRunner(ModelRunner):
         self._kill()
         raise StageFailure(failure)
 
-    def _step(self, parts, stream: int) -> torch.Tensor:
-        self._send_step(parts, stream)
+    def _step(self, parts, stream: int, samples=None):
+        self._send_step(parts, stream, samples)
         return self._collect(len(parts), stream)
 
-    def _send_step(self, parts, stream: int) -> None:
+    def _send_step(self, parts, stream: int, samples=None) -> None:
         self.step_id += 1
         deadline = time.monotonic() + self.spec.timeout_s
         visits = len(self.graph.visits)
@@ -234,17 +269,34 @@ class DisaggRunner(ModelRunner):
             self.counters["meta_bytes"] += nb * len(self.spec.stages)
             self.counters["meta_bytes_uncached"] += nb * visits  # what every visit would carry
             for s in self.spec.stages:
-                self.ctrls[stream][s.name].send(header, tensors, lambda: self._poll(deadline, "step"))
+                h, ts = header, tensors
+                if samples is not None and s.name == self.out_stage:  # sampling parameters: that stage only
+                    info, extra = samples[i]
+                    h, ts = {**header, "sample": info}, tensors + extra
+                    self.counters["sample_bytes"] += len(json.dumps(info)) + sum(x.numel() * 8 for x in extra)
+                self.ctrls[stream][s.name].send(h, ts, lambda: self._poll(deadline, "step"))
 
-    def _collect(self, n: int, stream: int) -> torch.Tensor:
+    def _collect(self, n: int, stream: int):
         deadline = time.monotonic() + self.spec.timeout_s
         logits = []
         ep = self.to_drivers[stream][self.out_stage]
+        if self.sample_on_stage:  # token ids (and logprobs) sampled on the stage
+            heads = []
+            for _ in range(n):
+                h, _ = ep.recv(lambda: self._poll(deadline, f"step {self.step_id}"))
+                heads.append(h)
+                ep.release()
+            self.counters["steps"] += 1
+            self.collected_at[stream] = time.perf_counter()
+            out = merge_outputs(heads)
+            self.counters["token_bytes"] += 8 * len(out.token_ids)
+            return Presampled(out)
         for _ in range(n):
             _, ts = ep.recv(lambda: self._poll(deadline, f"step {self.step_id}"))
             logits.append(ts[0].clone())  # leave the slot to the next step
             ep.release()
         self.counters["steps"] += 1
+        self.collected_at[stream] = time.perf_counter()
         self.counters["logits_bytes"] += sum(x.numel() * 4 for x in logits)
         return logits[0] if len(logits) == 1 else torch.cat(logits)
 
@@ -294,10 +346,15 @@ class DisaggRunner(ModelRunner):
         steps = max(self.counters["steps"], 1)
         act = sum(sum(v for k, v in h["bytes_sent"].items() if k != DRIVER) for h in out["stages"].values())
         logits = self.counters["logits_bytes"]
+        logits += self.counters["sample_bytes"] + self.counters["token_bytes"]  # sampling on the stage: replaces the logits
+        if self.counters["turnarounds"]:  # streams: engine time between a stream's results and its next step
+            out["engine_turnaround_ms"] = 1e3 * self.counters["turnaround_s"] / self.counters["turnarounds"]
         out["per_step"] = {
-            "activation_bytes": act / steps, "logits_bytes": logits / steps,
+            "activation_bytes": act / steps, "logits_bytes": self.counters["logits_bytes"] / steps,
             "metadata_bytes_cached": self.counters["meta_bytes"] / steps,
             "metadata_bytes_uncached": self.counters["meta_bytes_uncached"] / steps,
+            "sampling_params_bytes": self.counters["sample_bytes"] / steps,
+            "token_bytes": self.counters["token_bytes"] / steps,
             "total_bytes_cached": (act + logits + self.counters["meta_bytes"]) / steps,
             "total_bytes_uncached": (act + logits + self.counters["meta_bytes_uncached"]) / steps}
         return out

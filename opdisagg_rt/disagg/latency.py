@@ -52,6 +52,7 @@ def measure(kind: str, rows: int, width: int, n: int = 200) -> dict:
         init_dist(0, 2, "cpu")
         tx = rx = DistEndpoint(1, blocking=True)
     times = []
+    cpu0 = time.process_time()
     try:
         for _ in range(n):
             t0 = time.perf_counter()
@@ -60,6 +61,7 @@ def measure(kind: str, rows: int, width: int, n: int = 200) -> dict:
             rx.release()
             times.append(time.perf_counter() - t0)
     finally:
+        cpu = time.process_time() - cpu0
         p.join(30)
         if kind == "shm":
             for r in (tx, rx):
@@ -69,7 +71,9 @@ def measure(kind: str, rows: int, width: int, n: int = 200) -> dict:
             destroy_dist()
     times.sort()
     return {"transport": kind, "bytes": x.numel() * 4, "one_way_us_p50": 1e6 * times[len(times) // 2] / 2,
-            "one_way_us_p10": 1e6 * times[len(times) // 10] / 2}
+            "one_way_us_p10": 1e6 * times[len(times) // 10] / 2,
+            # this side's CPU per message (one send or one receive), the copy included
+            "cpu_us_per_message": 1e6 * cpu / (2 * n)}
 
 
 def main(argv=None) -> dict:

@@ -18,6 +18,7 @@ _SCALARS = ("request_ids", "num_decodes", "query_lens_list", "seq_lens_list", "b
 class DisaggBatch:
     """What DisaggRunner.prepare hands to execute: one StepBatch per micro-batch, in row order."""
     parts: list[StepBatch]
+    samples: list | None = None  # sampling on the stage: per part (header entry, tensors) for the lm_head stage
 
     @property
     def num_tokens(self) -> int:

@@ -23,3 +23,17 @@ def plot_timeline(stats: dict, path: str, last_s: float = 1.0) -> None:
     ax.set_xlim(0, last_s * 1.12)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def trace_utilization(stats: dict) -> dict[str, float]:
+    """Busy fraction of each stage over the window every stage's trace covers (steady state at the
+    end of a run: the traces keep each stage's last units)."""
+    stages = {k: v["trace"] for k, v in stats["stages"].items() if v.get("trace")}
+    if not stages:
+        return {}
+    start = max(tr[0][0] for tr in stages.values())
+    end = min(tr[-1][1] for tr in stages.values())
+    if end <= start:
+        return {}
+    return {name: sum(max(0.0, min(u[1], end) - max(u[0], start)) for u in tr) / (end - start)
+            for name, tr in stages.items()}

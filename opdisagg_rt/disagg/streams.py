@@ -23,8 +23,11 @@ class StreamScheduler:
         self.scheds = [base] + [Scheduler(base.kv, base.max_num_seqs, base.max_num_batched_tokens,
                                           base.max_model_len, connector=getattr(base, "connector", None))
                                 for _ in range(n - 1)]
-        for s in self.scheds:  # the same number of sequences in flight as one scheduler would allow
+        for s in self.scheds:  # the same number of sequences (and tokens) per round as one scheduler's step
             s.max_num_seqs = max(1, base.max_num_seqs // n)
+            # a long prefill is chunked per stream, so the streams' prefill chunks pipeline through the
+            # stages instead of one stream's whole prefill holding the first stage while the last idles
+            s.max_num_batched_tokens = max(1, base.max_num_batched_tokens // n)
         self.kv, self.connector = base.kv, getattr(base, "connector", None)
         self.inflight: list[SchedulerOutput | None] = [None] * n
         self.order: deque[int] = deque()  # streams in flight, oldest first

@@ -20,7 +20,7 @@ import torch
 
 from opdisagg_rt.config import ModelConfig
 from opdisagg_rt.disagg.graph import DRIVER, OpSig, StageGraph, build_graph
-from opdisagg_rt.disagg.meta import decode_batch
+from opdisagg_rt.disagg.meta import _TENSORS as META_TENSORS, decode_batch
 from opdisagg_rt.disagg.transport.shm import ShmSegment
 from opdisagg_rt.disagg.weights import build_ops_partial, import_weights, index_shapes, op_weight_names
 from opdisagg_rt.layers.attention import AttentionOp
@@ -61,6 +61,9 @@ class StageProgram:
 
     def __init__(self, name: str, ops: list[Op], graph: StageGraph):
         self.name = name
+        # Streams run one thread each; the stage computes one unit at a time (as many cores as its
+        # `threads`, like a device), so a unit waits while another stream's unit computes.
+        self.compute = threading.Lock()
         by_name = {op.name: op for op in ops}
         self.visits = [(v, [by_name[n] for n in v.ops]) for v in graph.visits_of(name)]
         self.bytes_sent: dict[str, int] = {}
@@ -69,8 +72,10 @@ class StageProgram:
         self.trace: deque[tuple[float, float, int, int]] = deque(maxlen=1500)  # (start, end, mb, visit)
 
     def run(self, batches, inputs, outputs, poll, status: Status | None = None, contains=None,
-            stream: int = 0) -> None:
-        """inputs/outputs: endpoints by peer stage name (DRIVER for the logits)."""
+            stream: int = 0, sampler=None, samples=None) -> None:
+        """inputs/outputs: endpoints by peer stage name (DRIVER for the logits). sampler (the
+        stage that owns lm_head, sampling on the stage): samples[mb] = (info, history tensor);
+        the engine then gets token ids instead of logits."""
         tensors = [dict() for _ in batches]
         unit = 0
         for v, ops in self.visits:
@@ -85,15 +90,22 @@ class StageProgram:
                         t[n] = x
                         self.recv_total += 1
                         self.recv_inplace += bool(contains and contains(ep, x))
-                start = time.perf_counter()
-                for op in ops:
-                    op.forward(t, batch)
-                for n in v.keep:  # needed by a later visit here: the slot is about to be reused
-                    t[n] = t[n].clone()
-                end = time.perf_counter()
+                with self.compute:
+                    start = time.perf_counter()
+                    for op in ops:
+                        op.forward(t, batch)
+                    for n in v.keep:  # needed by a later visit here: the slot is about to be reused
+                        t[n] = t[n].clone()
+                    sampled = None
+                    if sampler is not None and any(msg.dst == DRIVER for msg in v.send):
+                        sampled = sampler.sample(t["logits"], *samples[mb])
+                    end = time.perf_counter()
                 self.busy_s += end - start
                 self.trace.append((start, end, mb + stream, v.index))  # perf_counter is CLOCK_MONOTONIC: one clock for all
                 for msg in v.send:
+                    if sampled is not None and msg.dst == DRIVER:  # token ids, not logits
+                        outputs[DRIVER].send({"v": v.index, "mb": mb, **sampled}, [], poll)
+                        continue
                     n = outputs[msg.dst].send({"v": v.index, "mb": mb}, [t[x] for x in msg.names], poll)
                     self.bytes_sent[msg.dst] = self.bytes_sent.get(msg.dst, 0) + n
                 for ep in got:
@@ -101,6 +113,15 @@ class StageProgram:
                 unit += 1
                 if status is not None:
                     status.set(S_UNIT, unit)
+
+
+def _sample_info(header: dict, tensors) -> tuple[dict, torch.Tensor | None] | None:
+    """The engine's sampling entry of one micro-batch (after the metadata tensors), if any."""
+    info = header.get("sample")
+    if info is None:
+        return None
+    extra = tensors[len(META_TENSORS):]
+    return info, (extra[0] if extra else None)
 
 
 def build_stage(cfg: dict) -> tuple[list[Op], StageProgram, dict]:
@@ -157,6 +178,9 @@ def worker_main(cfg_json: str, endpoints: dict) -> None:
 
     def serve(stream, ctrl, to_driver, inputs, outputs) -> None:
         """One stream's loop. Stream 0 also answers commands; the others only run steps."""
+        # Intra-op threads are per OS thread for OpenMP (oneDNN, at::parallel_for): a new thread
+        # would run with one per core, not the stage's `threads`.
+        torch.set_num_threads(cfg["threads"])
         try:
             with torch.inference_mode():  # thread-local: entered by every stream's thread
                 while True:
@@ -175,12 +199,15 @@ def worker_main(cfg_json: str, endpoints: dict) -> None:
                     # a step: header + tensors of micro-batch 0, then the other micro-batches' metadata
                     n = header["n"]
                     batches = [decode_batch(header, ts)]
+                    samples = [_sample_info(header, ts)]
                     for _ in range(n - 1):
                         h, t2 = ctrl.recv(poll)
                         batches.append(decode_batch(h, t2))
+                        samples.append(_sample_info(h, t2))
                     status.set(S_STEP, header["step"])
                     status.set(S_UNIT, 0)
-                    program.run(batches, inputs, outputs, poll, status, contains, stream)
+                    program.run(batches, inputs, outputs, poll, status, contains, stream,
+                                samplers[stream] if samples[0] is not None else None, samples)
                     for _ in range(n):
                         ctrl.release()
         except BaseException as e:  # noqa: BLE001
@@ -192,6 +219,11 @@ def worker_main(cfg_json: str, endpoints: dict) -> None:
         for ctrl, to_driver, inputs, outputs in streams:
             outputs[DRIVER] = to_driver
         ops, program, memory = build_stage(cfg)
+        samplers: list = [None] * len(streams)
+        if cfg.get("sample"):  # this stage owns lm_head and samples (opdisagg_rt.disagg.sampling)
+            from opdisagg_rt.disagg.sampling import StageSampler
+            gens: dict = {}
+            samplers = [StageSampler(cfg["sample"]["seed"] + k, cfg["sample"]["eos"], gens) for k in range(len(streams))]
         streams[0][1].send({"kind": "ready", "memory": memory, "pid": os.getpid()}, [], poll)
         status.set(S_STATE, READY)
         # Independent streams: one thread each. Torch kernels release the GIL, so while one

@@ -6,7 +6,8 @@ different stages.
 
 Per-architecture variants: q/k/v/o biases; per-head q/k RMSNorm (Qwen3, applied by the QKV
 projection before RoPE); sliding window per layer; attention sinks (gpt-oss: a float32 logit per
-head that joins each softmax denominator, honoured by decode and prefill alike).
+head that joins each softmax denominator, honoured by decode and prefill alike); an output gate
+(Qwen3-Next: `qkv_proj` also emits `gate`, `o_proj` multiplies by its sigmoid).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from opdisagg_rt import ops
 from opdisagg_rt.layers.base import Op, Tensors
 from opdisagg_rt.layers.linear import Linear
-from opdisagg_rt.layers.paged_attention import paged_attention
+from opdisagg_rt.layers.paged_attention import paged_attention, reshape_and_cache
 from opdisagg_rt.layers.rope import RotaryEmbedding
 from opdisagg_rt.step_batch import StepBatch
 
@@ -24,23 +25,30 @@ class QKVProjOp(Op):
     def __init__(self, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                  q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
-                 norm_eps: float = 1e-6):
-        """q_norm / k_norm: RMSNorm weights [head_dim] applied to each head of q and k (Qwen3)."""
+                 norm_eps: float = 1e-6, gate: torch.Tensor | None = None):
+        """q_norm / k_norm: RMSNorm weights [head_dim] applied to each head of q and k (Qwen3).
+        gate: output-gate rows [num_heads * head_dim, hidden] (Qwen3-Next), projected in the
+        same GEMM and written as `gate` for OProjOp(gated=True); `biases` then has 4 parts."""
         self.name = name
-        self.sizes = (q.shape[0], k.shape[0], v.shape[0])
+        self.sizes = (q.shape[0], k.shape[0], v.shape[0]) + ((gate.shape[0],) if gate is not None else ())
+        if biases is not None and len(biases) != len(self.sizes):
+            raise ValueError(f"{name}: {len(biases)} biases for {len(self.sizes)} projections")
         bias = torch.cat(biases) if biases is not None else None
-        self.proj = Linear(torch.cat([q, k, v], 0), bias)  # one GEMM instead of three
+        rows = [q, k, v] + ([gate] if gate is not None else [])
+        self.proj = Linear(torch.cat(rows, 0), bias)  # one GEMM instead of three (or four)
         if (q_norm is None) != (k_norm is None):
             raise ValueError(f"{name}: q_norm and k_norm come together")
         self.q_norm, self.k_norm, self.norm_eps = q_norm, k_norm, norm_eps
-        self.reads, self.writes = ("hidden",), ("q", "k", "v")
+        self.reads, self.writes = ("hidden",), ("q", "k", "v") + (("gate",) if gate is not None else ())
 
     def parameters(self) -> dict[str, torch.Tensor]:
         p = {"qkv": self.proj.weight} | ({"bias": self.proj.bias} if self.proj.bias is not None else {})
         return p | ({"q_norm": self.q_norm, "k_norm": self.k_norm} if self.q_norm is not None else {})
 
     def forward(self, t: Tensors, batch: StepBatch) -> None:
-        q, k, v = self.proj(t["hidden"]).split(self.sizes, dim=-1)
+        q, k, v, *gate = self.proj(t["hidden"]).split(self.sizes, dim=-1)
+        if gate:
+            t["gate"] = gate[0]
         if self.q_norm is not None:
             hd = self.q_norm.shape[0]
             q = ops.rms_norm(q.reshape(-1, hd), self.q_norm, self.norm_eps).view(q.shape)
@@ -80,20 +88,26 @@ class AttentionOp(Op):
         k = t["k"].view(n, self.num_kv_heads, self.head_dim)
         self.rope.apply_(batch.positions, q, k)
         v = t["v"].reshape(n, self.num_kv_heads, self.head_dim)
-        ops.reshape_and_cache(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
+        reshape_and_cache(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
         out = paged_attention(q, k, v, self.k_cache, self.v_cache, batch, self.scale, self.window,
                               self.sinks)
         t["attn_out"] = out.view(n, self.num_heads * self.head_dim)
 
 
 class OProjOp(Op):
-    def __init__(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self.name = name
+    """`gated`: the attention output is multiplied by sigmoid(`gate`) before the projection
+    (Qwen3-Next's gated attention; the gate comes from QKVProjOp)."""
+
+    def __init__(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False):
+        self.name, self.gated = name, gated
         self.proj = Linear(weight, bias)
-        self.reads, self.writes = ("attn_out", "residual"), ("residual",)
+        self.reads, self.writes = ("attn_out", "gate", "residual") if gated else ("attn_out", "residual"), ("residual",)
 
     def parameters(self) -> dict[str, torch.Tensor]:
         return {"o": self.proj.weight} | ({"bias": self.proj.bias} if self.proj.bias is not None else {})
 
     def forward(self, t: Tensors, batch: StepBatch) -> None:
-        t["residual"] = t["residual"] + self.proj(t["attn_out"])
+        x = t["attn_out"]
+        if self.gated:
+            x = x * torch.sigmoid(t["gate"])
+        t["residual"] = t["residual"] + self.proj(x)

@@ -160,6 +160,7 @@ class ShmRing:
         self.np = np.frombuffer(self.seg.mm, np.uint8)
         self._send_cache: dict = {}
         self._recv_cache: dict = {}
+        self._tables: dict = {}
 
     @staticmethod
     def spec(slots: int, slot_bytes: int, ctx) -> dict:
@@ -179,22 +180,33 @@ class ShmRing:
     def send(self, header: dict, tensors: Sequence[torch.Tensor], poll: Poll | None = None) -> int:
         self._wait(self.free, poll)
         base = self.head * self.slot_bytes
-        # Layouts repeat step after step (same shapes): cache the encoded header and the slot
-        # views, since building tensor views costs more than copying a decode step's rows.
-        key = (base, json.dumps(header, separators=(",", ":")) if header else "",
-               tuple((t.dtype, tuple(t.shape)) for t in tensors))
-        hit = self._send_cache.get(key)
-        if hit is None:
-            raw, offs, size = pack_header(header, tensors)
-            if size > self.slot_bytes:
-                self.free.release()
-                raise ValueError(f"message of {size} bytes does not fit a {self.slot_bytes}-byte slot of {self.name}")
-            raw = struct.pack("<q", len(raw)) + raw
-            views = [self._view(base + o, t.dtype, tuple(t.shape)) for t, o in zip(tensors, offs)]
-            hit = self._send_cache[key] = (np.frombuffer(raw, np.uint8), views)
+        # Layouts repeat step after step (same shapes) while the header's values change: cache the
+        # tensor table and the slot views by shapes (and where the data starts), since building
+        # tensor views costs more than copying a decode step's rows.
+        skey = tuple((t.dtype, tuple(t.shape)) for t in tensors)
+        tab = self._tables.get(skey)
+        if tab is None:
+            table, off = [], 0
+            for t in tensors:
+                table.append([DTYPE_NAMES[t.dtype], list(t.shape), off])
+                off = _align(off + t.numel() * t.element_size())
+            tab = self._tables[skey] = (table, off)
+            self._trim(self._tables)
+        table, data_bytes = tab
+        raw = json.dumps({**header, "_t": table}, separators=(",", ":")).encode()
+        data0 = _align(8 + len(raw))
+        if data0 + data_bytes > self.slot_bytes:
+            self.free.release()
+            raise ValueError(f"message of {data0 + data_bytes} bytes does not fit a {self.slot_bytes}-byte slot "
+                             f"of {self.name}")
+        vkey = (base, data0, skey)
+        views = self._send_cache.get(vkey)
+        if views is None:
+            views = self._send_cache[vkey] = [self._view(base + data0 + e[2], t.dtype, tuple(t.shape))
+                                              for t, e in zip(tensors, table)]
             self._trim(self._send_cache)
-        raw, views = hit
-        self.np[base:base + len(raw)] = raw
+        self.np[base:base + 8] = np.frombuffer(struct.pack("<q", len(raw)), np.uint8)
+        self.np[base + 8:base + 8 + len(raw)] = np.frombuffer(raw, np.uint8)
         nbytes = 0
         for t, dst in zip(tensors, views):
             dst.copy_(t)  # the one write of the activation, from the producer's tensor into the slot
@@ -211,16 +223,15 @@ class ShmRing:
         self.held.append(self.tail)
         self.tail = (self.tail + 1) % self.slots
         hlen = int(self.np[base:base + 8].view(np.int64)[0])
-        raw = self.np[base + 8:base + 8 + hlen].tobytes()
-        hit = self._recv_cache.get((base, raw))
-        if hit is None:
-            header = json.loads(raw)
-            data0 = base + _align(8 + hlen)
-            views = [self._view(data0 + off, DTYPES[dt], tuple(shape)) for dt, shape, off in header.pop("_t")]
-            hit = self._recv_cache[(base, raw)] = (header, views)
+        header = json.loads(self.np[base + 8:base + 8 + hlen].tobytes())
+        table = header.pop("_t")
+        data0 = base + _align(8 + hlen)
+        vkey = (data0, tuple((dt, tuple(shape), off) for dt, shape, off in table))
+        views = self._recv_cache.get(vkey)
+        if views is None:
+            views = self._recv_cache[vkey] = [self._view(data0 + off, DTYPES[dt], shape) for dt, shape, off in vkey[1]]
             self._trim(self._recv_cache)
-        header, views = hit
-        return dict(header), list(views)  # views of the slot: the receiver computes on them in place
+        return header, list(views)  # views of the slot: the receiver computes on them in place
 
     def _view(self, off: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
         n = dtype.itemsize * _numel(shape)
@@ -239,6 +250,7 @@ class ShmRing:
     def close(self) -> None:
         self._send_cache.clear()
         self._recv_cache.clear()
+        self._tables.clear()
         self.np = None
         self.seg.close()
 
