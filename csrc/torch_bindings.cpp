@@ -114,6 +114,26 @@ TORCH_LIBRARY(opdisagg, m) {
   m.def("linear_amx_q4_1(Tensor(a!) out, Tensor input, Tensor packed, Tensor? bias) -> ()");
   // ... and a GGUF Q8_0 weight, packed into uint8 [ceil(N/32), K/32, 1088].
   m.def("linear_amx_q8_0(Tensor(a!) out, Tensor input, Tensor packed, Tensor? bias) -> ()");
+  // One decode token per row n of a linear-attention layer, updating the float32 state row
+  // state[state_indices[n]] ([num_slots, H, d_k, d_v]) in place; out [N, H, d_v] = q S (new S).
+  // Lightning (MiniMax): S = decay[h] * S + k^T v, decay = exp(-slope) float32 [H].
+  m.def(
+      "lightning_attention_decode(Tensor(a!) out, Tensor q, Tensor k, Tensor v, Tensor(b!) state,"
+      " Tensor state_indices, Tensor decay) -> ()");
+  // Gated delta rule (Qwen3-Next): q, k [N, HK, d_k] (L2-normalised when use_qk_l2norm, q times
+  // scale; value head h reads key head h / (H / HK)), g, beta float32 [N, H]:
+  // S = exp(g) S; S += k^T (beta (v - k S)); out = q S. csrc/cpu/linear_attention.cpp.
+  m.def(
+      "gated_delta_rule_decode(Tensor(a!) out, Tensor q, Tensor k, Tensor v, Tensor g,"
+      " Tensor beta, Tensor(b!) state, Tensor state_indices, float scale, bool use_qk_l2norm)"
+      " -> ()");
+  // Decode step of a causal depthwise conv1d (Qwen3-Next's short convolution), in place on the
+  // float32 conv_state [num_slots, C, kernel - 1] (the last inputs): out [N, C] =
+  // sum_j weight[:, j] * [conv_state[state_indices[n]] | x[n]][:, j] (no activation), then the
+  // slot's state drops its oldest input and appends x[n]. weight float32 [C, kernel].
+  m.def(
+      "causal_conv1d_update(Tensor(a!) out, Tensor x, Tensor(b!) conv_state, Tensor weight,"
+      " Tensor state_indices) -> ()");
   // Whether linear_amx can run here (CPU flags, OS permission, OPDISAGG_AMX != 0).
   m.def("amx_available() -> bool", &opdisagg::amx_available);
 }

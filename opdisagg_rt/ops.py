@@ -321,3 +321,91 @@ def rotary_embedding_ref(positions: torch.Tensor, query: torch.Tensor, key: torc
         r1, r2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
         rotated = torch.cat([r1, r2], -1) if is_neox else torch.stack([r1, r2], -1).flatten(-2)
         x[..., :rot] = rotated.to(x.dtype)
+
+
+# ---- linear-attention decode (csrc/cpu/linear_attention.cpp; CPU only) ----------------------
+
+def linear_attention_decode_supported(q: torch.Tensor, state: torch.Tensor) -> bool:
+    """Whether the decode ops below take these rows: CPU, float32/bf16/fp16 q and a contiguous
+    float32 state (else the layers run their torch reference, gather-update-scatter)."""
+    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and state.dtype == torch.float32 and state.is_contiguous())
+
+
+def lightning_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor,
+                               state_indices: torch.Tensor, decay: torch.Tensor,
+                               out: torch.Tensor | None = None) -> torch.Tensor:
+    """One MiniMax Lightning decode token per row ``n``, in place on the state pool: with
+    ``S = state[state_indices[n], h]`` (float32 ``[d_k, d_v]``), ``S = decay[h] * S + k^T v`` and
+    ``out[n, h] = q S`` (no scale). q, k ``[N, H, d_k]``, v ``[N, H, d_v]`` (float32 / bf16 /
+    fp16, rows may be strided), state float32 contiguous ``[slots, H, d_k, d_v]``,
+    state_indices int64 ``[N]`` (distinct), decay float32 ``[H]`` = ``exp(-slope)``. ``out``
+    (default: v's dtype) may be float32 or another 16-bit dtype; float32 math."""
+    if out is None:
+        out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    torch.ops.opdisagg.lightning_attention_decode.default(out, q, k, v, state, state_indices, decay)
+    return out
+
+
+def gated_delta_rule_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                            beta: torch.Tensor, state: torch.Tensor, state_indices: torch.Tensor,
+                            scale: float | None = None, use_qk_l2norm: bool = True,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """One gated-delta-rule decode token per row ``n`` (Qwen3-Next), in place on the state pool:
+    q, k ``[N, HK, d_k]`` are L2-normalised (``x * rsqrt(sum(x^2) + 1e-6)``, if
+    ``use_qk_l2norm``) and q times ``scale`` (default ``d_k ** -0.5``); value head ``h`` uses key
+    head ``h // (H // HK)``. With ``S = state[state_indices[n], h]``: ``S = exp(g[n, h]) S``,
+    ``S += k^T (beta[n, h] (v - k S))``, ``out[n, h] = q S``. v ``[N, H, d_v]``; g, beta float32
+    ``[N, H]``; ``out`` defaults to float32."""
+    if out is None:
+        out = torch.empty(v.shape, dtype=torch.float32, device=v.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    torch.ops.opdisagg.gated_delta_rule_decode.default(out, q, k, v, g, beta, state, state_indices, scale,
+                                                      use_qk_l2norm)
+    return out
+
+
+def lightning_attention_decode_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor,
+                                   state_indices: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+    """Naive :func:`lightning_attention_decode`: gather, update, scatter; returns float32 out."""
+    s = state[state_indices] * decay.view(-1, 1, 1) + k.float()[..., :, None] * v.float()[..., None, :]
+    state[state_indices] = s
+    return torch.einsum("nhk,nhkv->nhv", q.float(), s)
+
+
+def gated_delta_rule_decode_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                                beta: torch.Tensor, state: torch.Tensor, state_indices: torch.Tensor,
+                                scale: float | None = None, use_qk_l2norm: bool = True) -> torch.Tensor:
+    """Naive :func:`gated_delta_rule_decode` (the recurrence as written); returns float32 out."""
+    q, k = q.float(), k.float()
+    if use_qk_l2norm:
+        q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6)
+        k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    q = q * (q.shape[-1] ** -0.5 if scale is None else scale)
+    r = v.shape[1] // q.shape[1]
+    q, k = q.repeat_interleave(r, 1), k.repeat_interleave(r, 1)
+    s = state[state_indices] * g.exp()[..., None, None]
+    delta = (v.float() - torch.einsum("nhk,nhkv->nhv", k, s)) * beta[..., None]
+    s = s + k[..., :, None] * delta[..., None, :]
+    state[state_indices] = s
+    return torch.einsum("nhk,nhkv->nhv", q, s)
+
+
+def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
+                         state_indices: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode step of a causal depthwise conv1d (no activation), in place on the state pool:
+    for row ``n`` with ``s = conv_state[state_indices[n]]`` (float32 ``[C, kernel - 1]``, the
+    last inputs), ``out[n] = sum_j weight[:, j] * [s | x[n]][:, j]`` and ``s`` becomes
+    ``[s[:, 1:] | x[n]]``. x ``[N, C]`` (rows may be strided); weight float32 ``[C, kernel]``;
+    ``out`` defaults to float32."""
+    if out is None:
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    torch.ops.opdisagg.causal_conv1d_update.default(out, x, conv_state, weight, state_indices)
+    return out
+
+
+def causal_conv1d_update_ref(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
+                             state_indices: torch.Tensor) -> torch.Tensor:
+    win = torch.cat([conv_state[state_indices], x.float()[..., None]], -1)
+    conv_state[state_indices] = win[..., 1:]
+    return (win * weight).sum(-1)

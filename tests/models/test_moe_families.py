@@ -284,3 +284,9 @@ def test_family_greedy_alone_batched_and_chunked(family):
         lp_a = [lp[t] for lp, t in zip(a.logprobs, a.token_ids)]
         lp_b = [lp[t] for lp, t in zip(b.logprobs, b.token_ids)]
         assert max(abs(x - y) for x, y in zip(lp_a, lp_b)) < 1e-4
+
+
+def test_bench_runs_on_the_tiny_checkpoint(family):
+    from bench_smoke import check_bench_runs
+    _, path, _ = family
+    check_bench_runs(path)

@@ -231,3 +231,9 @@ def test_prefix_cache_hits_with_windows_match_recompute(family, request):
     assert [o.token_ids for o in outs] == want
     hits = [o.metrics.num_cached_tokens for o in outs]
     assert hits[0] == 0 and all(h >= 24 for h in hits[1:]), hits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bench_runs_on_the_tiny_checkpoint(family, request):
+    from bench_smoke import check_bench_runs
+    check_bench_runs(request.getfixturevalue(family))
