@@ -163,16 +163,8 @@ LAYER_TYPES = ["linear_attention", "full_attention", "linear_attention", "full_a
 
 
 def _tokenizer(out: str) -> int:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 4, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(f"{out}/tokenizer.json")
-    with open(f"{out}/tokenizer_config.json", "w") as f:
-        json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-                   "tokenizer_class": "PreTrainedTokenizerFast"}, f)
-    return tok.get_vocab_size()
+    from tiny_hf import plain_bpe_tokenizer
+    return plain_bpe_tokenizer(out)
 
 
 def make_minimax_checkpoint(out, init: float = INIT, seed: int = SEED) -> str:
@@ -329,6 +321,6 @@ def test_bad_layer_types_are_rejected(minimax):
 
 
 def test_bench_runs_on_the_tiny_checkpoint(minimax):
-    from bench_smoke import check_bench_runs
+    from tiny_hf import check_bench_runs
     path, _ = minimax
     check_bench_runs(path)

@@ -161,16 +161,8 @@ FAMILIES = {
 
 
 def _tokenizer(out: str) -> int:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 4, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(f"{out}/tokenizer.json")
-    with open(f"{out}/tokenizer_config.json", "w") as f:
-        json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-                   "tokenizer_class": "PreTrainedTokenizerFast"}, f)
-    return tok.get_vocab_size()
+    from tiny_hf import plain_bpe_tokenizer
+    return plain_bpe_tokenizer(out)
 
 
 def make_checkpoint(root, family: str, init: float = 0.1) -> str:
@@ -287,6 +279,6 @@ def test_family_greedy_alone_batched_and_chunked(family):
 
 
 def test_bench_runs_on_the_tiny_checkpoint(family):
-    from bench_smoke import check_bench_runs
+    from tiny_hf import check_bench_runs
     _, path, _ = family
     check_bench_runs(path)

@@ -361,6 +361,6 @@ def test_bad_config_is_rejected(qwen3_next):
 
 
 def test_bench_runs_on_the_tiny_checkpoint(qwen3_next):
-    from bench_smoke import check_bench_runs
+    from tiny_hf import check_bench_runs
     path, _ = qwen3_next
     check_bench_runs(path)
