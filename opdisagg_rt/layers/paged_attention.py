@@ -4,8 +4,9 @@ implementation for the tensors' device, so the layers carry no device checks.
 - CPU (the default): torch ops and the C++ extension. Decode rows (one query each) go to the C++
   paged-attention kernel, which reads the blocks in place (only the window's keys when there is
   a window); each prefill runs torch's SDPA (blocked matmuls win for many query rows), straight
-  on the new K/V when nothing is cached before it, else over the blocks it can see (from the
-  window's first block on, so blocks that fell out of a sliding window may be unmapped).
+  on the new K/V when nothing is cached before it (consecutive fresh prompts of one length in
+  one batched call), else over the blocks it can see (from the window's first block on, so blocks
+  that fell out of a sliding window may be unmapped).
   Attention sinks (one float32 logit per head in each softmax denominator) scale a prefill's
   SDPA output by sigmoid(logsumexp - sink), with the log-sum-exp returned by torch's CPU flash
   kernel.
@@ -213,25 +214,35 @@ def _torch_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             batch.query_start_loc[: nd + 1], batch.seq_lens[:nd], batch.block_tables[:nd]))
         ops.paged_attention(out, q, k_cache, v_cache, tables, qsl, lens, scale, window or 0, sinks)
     starts = batch.query_start_loc.tolist() if batch.num_reqs > nd else ()
-    for r in range(nd, batch.num_reqs):
-        s, e, ctx = starts[r], starts[r + 1], batch.seq_lens_list[r]
+    lens, ctxs = batch.query_lens_list, batch.seq_lens_list
+    r = nd
+    while r < batch.num_reqs:
+        s, e, ctx = starts[r], starts[r + 1], ctxs[r]
         n = e - s
-        qr = q[s:e].transpose(0, 1).unsqueeze(0)
         if ctx == n and (window is None or window >= n):
-            kr, vr, mask, causal = k[s:e], v[s:e], None, True
+            # Fresh prompts of one length (a burst of new requests) share one batched SDPA call:
+            # per-call overhead, not FLOPs, dominates short prompts.
+            r_end = r + 1
+            while r_end < batch.num_reqs and lens[r_end] == n and ctxs[r_end] == n:
+                r_end += 1
+            e = s + (r_end - r) * n
+            qr, kr, vr = (x[s:e].unflatten(0, (r_end - r, n)).transpose(1, 2) for x in (q, k, v))
+            mask, causal = None, True
         else:
+            r_end = r + 1
             # keys before the first query's window are never read: start at the window's block
             first = 0 if window is None else max(0, ctx - n - window + 1) // bs
             ids = batch.block_tables[r, first: -(-ctx // bs)]
             k_lo = first * bs
             kr = k_cache.index_select(0, ids).view(-1, kv_heads, head_dim)[:ctx - k_lo]
             vr = v_cache.index_select(0, ids).view(-1, kv_heads, head_dim)[:ctx - k_lo]
+            qr, kr, vr = (x.transpose(0, 1).unsqueeze(0) for x in (q[s:e], kr, vr))
             mask, causal = _prefill_mask(batch.positions[s:e], ctx, window, k_lo), False
-        kr, vr = kr.transpose(0, 1).unsqueeze(0), vr.transpose(0, 1).unsqueeze(0)
         if sinks is not None:
             o = _sdpa_with_sinks(qr, kr, vr, mask, causal, scale, sinks)
         else:
             o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, is_causal=causal, scale=scale,
                                                enable_gqa=True)
-        out[s:e] = o[0].transpose(0, 1)
+        out[s:e] = o.transpose(1, 2).flatten(0, 1)
+        r = r_end
     return out
