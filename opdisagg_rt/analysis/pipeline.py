@@ -43,18 +43,19 @@ from opdisagg_rt.analysis.workload import Workload
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}
 
 # Speedup of an operation kind with n intra-op threads over one thread, measured on this machine
-# (2-core Xeon with AMX, SmolLM2-135M decode shapes, reference ops; `measure_thread_scaling`).
+# (2-core Xeon with AMX, SmolLM2-135M decode shapes, reference ops; `measure_thread_scaling`,
+# median of three quiet runs on 2026-11-22: gemm 1.68/1.77/1.89, attn 1.64/1.68/1.76).
 # Kinds not listed use "other"; thread counts not listed scale the 2-thread gain linearly.
 THREAD_SPEEDUP: dict[int, dict[str, float]] = {
-    2: {"gemm": 1.55, "attn": 1.7, "norm": 1.0, "embed": 1.0, "other": 1.3},
+    2: {"gemm": 1.77, "attn": 1.68, "norm": 1.0, "embed": 1.0, "other": 1.3},
 }
 
 # The engine process per step (measured on this machine: `measure_host`): scheduling, building
 # the step metadata, output processing and detokenizing; sampling is separate (engine or stage).
-HOST = {"step_us": 1500.0, "row_us": 40.0, "sample_row_us": 25.0, "sample_step_us": 300.0}
+HOST = {"step_us": 1130.0, "row_us": 38.5, "sample_row_us": 13.5, "sample_step_us": 31.0}  # medians of 3 runs
 # CPU time of one transport message on each side (header encode/decode, semaphores), on top of the
 # one copy of the activations (`measure_transport_cpu`)
-MSG_CPU_US = 15.0
+MSG_CPU_US = 43.0  # median of 3 runs (32-46 us)
 # Transport per message when the device has no scale_up link: shared-memory ring, one way
 # (bench/disagg/transport_latency.json: 35-43 us for 123 KB).
 SHM_LINK = Link("shm", 5.0, 30.0)
