@@ -8,6 +8,8 @@ batches keep the compute small, so the difference is mostly per-visit overhead:
     overhead per visit = (step wall time - compute of every stage) / visits per step
 
 (the engine's per-step work is counted in too, spread over the visits: an upper bound).
+Also, with or without streams, the hand-off latency from the stages' traces: from the moment a
+visit could have started (its predecessor done, its stage free) to its start.
 """
 from __future__ import annotations
 
@@ -62,18 +64,20 @@ def handoffs(units: list) -> dict:
     receive, locks, GIL). Visit 0 follows the engine's turn (sampling, scheduling): left out."""
     prev_end = {}        # (mb, visit) -> end
     stage_free: dict = {}  # stage -> end of its last unit
-    inner = []
+    inner, by_stage = [], {}
     for start, end, mb, v, stage in units:  # sorted by start
         ready = max(prev_end.get((mb, v - 1), start), stage_free.get(stage, 0.0))
         if v > 0 and (mb, v - 1) in prev_end:
             inner.append(1e6 * max(0.0, start - ready))
+            by_stage.setdefault(stage, []).append(inner[-1])
         prev_end[(mb, v)] = end
         stage_free[stage] = end
     inner.sort()
     if not inner:
         return {}
     return {"handoff_us_p50": inner[len(inner) // 2], "handoff_us_p90": inner[len(inner) * 9 // 10],
-            "handoff_us_mean": sum(inner) / len(inner), "handoffs": len(inner)}
+            "handoff_us_mean": sum(inner) / len(inner), "handoffs": len(inner),
+            "handoff_us_mean_into": {k: sum(v) / len(v) for k, v in by_stage.items()}}
 
 
 def main(argv=None) -> dict:
