@@ -39,7 +39,8 @@ class Status:
 
     def __init__(self, seg: ShmSegment, index: int):
         self.base = index * STATUS_BYTES
-        self.words = seg.buf[self.base:self.base + ERR_OFF].view(torch.int64)
+        # a memoryview, not a tensor: the worker sets a word per visit (a tensor item store costs us)
+        self.words = memoryview(seg.mm)[self.base:self.base + ERR_OFF].cast("q")
         self.seg = seg
 
     def set(self, slot: int, value: int) -> None:
@@ -66,6 +67,9 @@ class StageProgram:
         self.compute = threading.Lock()
         by_name = {op.name: op for op in ops}
         self.visits = [(v, [by_name[n] for n in v.ops]) for v in graph.visits_of(name)]
+        # per visit: (index, ops, [(src, names)], [(dst, names)], kept names, sends to the driver)
+        self.plan = [(v.index, ops, [(m.src, m.names) for m in v.recv], [(m.dst, m.names) for m in v.send],
+                      tuple(v.keep), any(m.dst == DRIVER for m in v.send)) for v, ops in self.visits]
         self.bytes_sent: dict[str, int] = {}
         self.recv_total = self.recv_inplace = 0
         self.busy_s = 0.0
@@ -76,38 +80,42 @@ class StageProgram:
         """inputs/outputs: endpoints by peer stage name (DRIVER for the logits). sampler (the
         stage that owns lm_head, sampling on the stage): samples[mb] = (info, history tensor);
         the engine then gets token ids instead of logits."""
+        # A multi-visit spec runs tens of visits per micro-batch step, each a hand-off to another
+        # process: keep the Python between two visits' compute to lookups (no headers, no dicts).
         tensors = [dict() for _ in batches]
         unit = 0
-        for v, ops in self.visits:
+        lock, trace, bytes_sent = self.compute, self.trace, self.bytes_sent
+        for index, ops, recv, send, keep, to_driver in self.plan:
+            if to_driver and sampler is None:
+                to_driver = False
             for mb, batch in enumerate(batches):
                 t = tensors[mb]
                 got = []
-                for msg in v.recv:
-                    ep = inputs[msg.src]
+                for src, names in recv:
+                    ep = inputs[src]
                     _, ts = ep.recv(poll)
                     got.append(ep)
-                    for n, x in zip(msg.names, ts):
+                    for n, x in zip(names, ts):
                         t[n] = x
-                        self.recv_total += 1
-                        self.recv_inplace += bool(contains and contains(ep, x))
-                with self.compute:
+                    self.recv_total += len(ts)
+                    if contains is not None:
+                        self.recv_inplace += sum(contains(ep, x) for x in ts)
+                with lock:
                     start = time.perf_counter()
                     for op in ops:
                         op.forward(t, batch)
-                    for n in v.keep:  # needed by a later visit here: the slot is about to be reused
+                    for n in keep:  # needed by a later visit here: the slot is about to be reused
                         t[n] = t[n].clone()
-                    sampled = None
-                    if sampler is not None and any(msg.dst == DRIVER for msg in v.send):
-                        sampled = sampler.sample(t["logits"], *samples[mb])
+                    sampled = sampler.sample(t["logits"], *samples[mb]) if to_driver else None
                     end = time.perf_counter()
                 self.busy_s += end - start
-                self.trace.append((start, end, mb + stream, v.index))  # perf_counter is CLOCK_MONOTONIC: one clock for all
-                for msg in v.send:
-                    if sampled is not None and msg.dst == DRIVER:  # token ids, not logits
-                        outputs[DRIVER].send({"v": v.index, "mb": mb, **sampled}, [], poll)
+                trace.append((start, end, mb + stream, index))  # perf_counter is CLOCK_MONOTONIC: one clock for all
+                for dst, names in send:
+                    if sampled is not None and dst == DRIVER:  # token ids, not logits
+                        outputs[DRIVER].send({"mb": mb, **sampled}, (), poll)
                         continue
-                    n = outputs[msg.dst].send({"v": v.index, "mb": mb}, [t[x] for x in msg.names], poll)
-                    self.bytes_sent[msg.dst] = self.bytes_sent.get(msg.dst, 0) + n
+                    n = outputs[dst].send({}, [t[x] for x in names], poll)
+                    bytes_sent[dst] = bytes_sent.get(dst, 0) + n
                 for ep in got:
                     ep.release()
                 unit += 1
