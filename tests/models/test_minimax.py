@@ -20,7 +20,6 @@ Tolerances:
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import subprocess
@@ -233,22 +232,8 @@ def _same(a, b, tol: float = 1e-4) -> None:
 
 
 def _run_prefill(ops, ids: list[int], dtype=torch.float32) -> torch.Tensor:
-    """All prefill logits of one sequence through the ops (KV caches and one state slot bound here)."""
-    from opdisagg_rt.layers.attention import AttentionOp
-    from opdisagg_rt.models.executor import run_ops
-    n, bs = len(ids), 8
-    nblocks = -(-n // bs)
-    for op in ops:
-        if isinstance(op, AttentionOp):
-            shape = (nblocks, bs, op.num_kv_heads, op.head_dim)
-            op.bind_cache(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
-        if isinstance(op, LightningAttentionOp):
-            op.bind_state(torch.zeros(1, 0), torch.zeros(1, *op.state_spec().recurrent_shape))
-    batch = StepBatch(["r"], torch.tensor(ids), torch.arange(n), torch.arange(n), torch.tensor([0, n]),
-                      torch.tensor([n]), torch.arange(nblocks)[None], torch.arange(n), 0, [n], [n], bs,
-                      state_indices=torch.tensor([0]))
-    with torch.inference_mode():
-        return run_ops(ops, batch)["logits"]
+    from tiny_hf import run_prefill
+    return run_prefill(ops, ids, 8, dtype)
 
 
 def test_ops_and_prefill_logits_match_transformers(minimax):

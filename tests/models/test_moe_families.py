@@ -12,7 +12,6 @@ compared trajectory is >= 1e-3, checked, far above the float32 noise of ~1e-5).
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
@@ -22,7 +21,6 @@ from opdisagg_rt.config import ModelConfig
 from opdisagg_rt.layers.attention import AttentionOp
 from opdisagg_rt.layers.moe import Experts, MoEOp, Router, RouterConfig, SharedExpert, moe_reference
 from opdisagg_rt.layers.paged_attention import paged_attention
-from opdisagg_rt.models.executor import run_ops
 from opdisagg_rt.models.moe_models import _moe_op
 from opdisagg_rt.step_batch import StepBatch
 
@@ -202,17 +200,8 @@ def _engine(path: str, **kw):
 
 
 def _run_prefill(ops, ids: list[int], block_size: int = 8, dtype=torch.float32) -> torch.Tensor:
-    """All prefill logits of one sequence through the ops (caches bound here, identity table)."""
-    n = len(ids)
-    nblocks = -(-n // block_size)
-    for op in ops:
-        if isinstance(op, AttentionOp):
-            shape = (nblocks, block_size, op.num_kv_heads, op.head_dim)
-            op.bind_cache(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
-    batch = StepBatch(["r"], torch.tensor(ids), torch.arange(n), torch.arange(n), torch.tensor([0, n]),
-                      torch.tensor([n]), torch.arange(nblocks)[None], torch.arange(n), 0, [n], [n], block_size)
-    with torch.inference_mode():
-        return run_ops(ops, batch)["logits"]
+    from tiny_hf import run_prefill
+    return run_prefill(ops, ids, block_size, dtype)
 
 
 def test_family_prefill_logits_match_transformers(family):

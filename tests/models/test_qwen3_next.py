@@ -28,8 +28,7 @@ import torch
 from opdisagg_rt.kernels.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
 
 from opdisagg_rt.layers.attention import AttentionOp, OProjOp, QKVProjOp
-from opdisagg_rt.layers.gated_deltanet import GatedDeltaNetOp, _prep_qk, chunk_sequence, gated_delta_rule
-from opdisagg_rt.models.executor import run_ops
+from opdisagg_rt.layers.gated_deltanet import _prep_qk, chunk_sequence, gated_delta_rule
 from opdisagg_rt.step_batch import StepBatch
 from tests.conftest import _tiny_tokenizer
 
@@ -253,21 +252,8 @@ def _params():
 
 
 def run_prefill(ops, ids: list[int], block_size: int = 8, dtype=torch.float32) -> torch.Tensor:
-    """All prefill logits of one sequence through the ops (caches and one state slot bound here)."""
-    n = len(ids)
-    nblocks = -(-n // block_size)
-    for op in ops:
-        if isinstance(op, AttentionOp):
-            shape = (nblocks, block_size, op.num_kv_heads, op.head_dim)
-            op.bind_cache(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
-        if isinstance(op, GatedDeltaNetOp):
-            spec = op.state_spec()
-            op.bind_state(torch.zeros(1, *spec.conv_shape), torch.zeros(1, *spec.recurrent_shape))
-    batch = StepBatch(["r"], torch.tensor(ids), torch.arange(n), torch.arange(n), torch.tensor([0, n]),
-                      torch.tensor([n]), torch.arange(nblocks)[None], torch.arange(n), 0, [n], [n], block_size,
-                      state_indices=torch.tensor([0]))
-    with torch.inference_mode():
-        return run_ops(ops, batch)["logits"]
+    from tiny_hf import run_prefill as run
+    return run(ops, ids, block_size, dtype)
 
 
 def check_greedy(hf, prompts, outs, steps=STEPS):

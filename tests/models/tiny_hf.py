@@ -27,3 +27,28 @@ def check_bench_runs(path: str) -> dict:
     assert r["engine"]["output_tokens"] == 3 * 4, r["engine"]
     assert r["engine"]["throughput_tok_s"] > 0
     return r
+
+
+def run_prefill(ops, ids: list[int], block_size: int = 8, dtype=None):
+    """All prefill logits of one sequence through the ops, outside the engine: KV caches (an
+    identity block table) and one zeroed state slot per linear-attention op are bound here."""
+    import torch
+
+    from opdisagg_rt.models.executor import run_ops
+    from opdisagg_rt.step_batch import StepBatch
+    dtype = dtype or torch.float32
+    n = len(ids)
+    nblocks = -(-n // block_size)
+    for op in ops:
+        if callable(getattr(op, "bind_cache", None)):
+            shape = (nblocks, block_size, op.num_kv_heads, op.head_dim)
+            op.bind_cache(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+        if callable(getattr(op, "state_spec", None)):
+            spec = op.state_spec()
+            op.bind_state(torch.zeros(1, *spec.conv_shape, dtype=spec.conv_dtype),
+                          torch.zeros(1, *spec.recurrent_shape))
+    batch = StepBatch(["r"], torch.tensor(ids), torch.arange(n), torch.arange(n), torch.tensor([0, n]),
+                      torch.tensor([n]), torch.arange(nblocks)[None], torch.arange(n), 0, [n], [n], block_size,
+                      state_indices=torch.tensor([0]))
+    with torch.inference_mode():
+        return run_ops(ops, batch)["logits"]
