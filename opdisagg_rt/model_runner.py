@@ -92,16 +92,8 @@ class ModelRunner:
     def num_groups(self) -> int:
         return len(self.kv_layout()[0])
 
-    def _check_groups(self) -> None:
-        if self.num_groups > 1 and type(self).execute is not ModelRunner.execute:
-            raise NotImplementedError(
-                f"{type(self).__name__} runs the operations itself and does not select per-group "
-                f"block tables: models with mixed attention types (KV cache groups "
-                f"{[(len(g.layer_names), g.window) for g in self.kv_layout()[0]]}) run colocated only")
-
     def block_bytes(self) -> int:
         """Bytes of one KV block id (K and V of every attention layer that can use it)."""
-        self._check_groups()
         elem = torch.tensor([], dtype=self.dtype).element_size()
         _, where, _ = self.kv_layout()
         per_pair = {}
@@ -132,7 +124,6 @@ class ModelRunner:
                 caches[j] = (torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
             op.bind_cache(*caches[j])
             op.kv_group = g  # which group's slot mapping / block tables this layer reads
-        self._op_group = {id(op): where[op.name][0] for op in self.attn_ops} if len(groups) > 1 else {}
         if states:
             self.state_pool = StatePool(states, self.max_num_seqs)
             for op in self.state_ops():
@@ -209,14 +200,6 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> torch.Tensor:
         """Logits [len(logits_indices), vocab] (float32)."""
-        if batch.group_slot_mappings is None:
-            return run_ops(self.ops, batch)["logits"]
-        t = {}
-        groups = self._op_group
-        for op in self.ops:
-            g = groups.get(id(op))
-            if g is not None:
-                batch.select_group(g)
-            op.forward(t, batch)
+        logits = run_ops(self.ops, batch)["logits"]
         batch.select_group(0)
-        return t["logits"]
+        return logits

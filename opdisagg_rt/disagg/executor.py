@@ -33,6 +33,7 @@ from opdisagg_rt.disagg.weights import dumps, export_weights, meta_ops
 from opdisagg_rt.disagg.worker import (FAILED, READY, S_PID, S_STATE, S_STEP, S_UNIT, STATUS_BYTES, Status,
                                        worker_main)
 from opdisagg_rt.layers.attention import AttentionOp
+from opdisagg_rt.cache.kv_cache_manager import KVCacheSpec
 from opdisagg_rt.model_runner import ModelRunner
 from opdisagg_rt.models.executor import run_ops
 from opdisagg_rt.models.loader import LoadedModel
@@ -63,6 +64,7 @@ class DisaggRunner(ModelRunner):
         mops = meta_ops(loaded, dtype, max_positions)  # names, declared tensors, attention shapes
         self.sigs = [OpSig(op.name, tuple(op.reads), tuple(op.writes)) for op in mops]
         self.attn_ops = [op for op in mops if isinstance(op, AttentionOp)]
+        self.has_states = any(callable(getattr(op, "state_spec", None)) for op in mops)
         self.spec: StageSpec = parse_stage_spec(stage_spec, [s.name for s in self.sigs])
         self.graph = build_graph(self.sigs, self.spec.owner)
         # `streams: true`: the micro-batches are independent request streams, each with its own
@@ -73,6 +75,9 @@ class DisaggRunner(ModelRunner):
         self.inline = len(st) == 1 and st[0].host is None and st[0].device == "cpu" and not self.spec.raw.get("processes")
         if self.inline:
             self.num_streams, self.micro_batches = 1, self.spec.micro_batches
+        elif self.has_states:
+            raise NotImplementedError(f"{loaded.source}: linear-attention states (a state pool) are not placed on "
+                                      "stage workers yet; run this model colocated or with a one-stage spec")
         self.procs: list = []
         self.rings: list[ShmRing] = []
         self.segments: list[ShmSegment] = []
@@ -113,6 +118,9 @@ class DisaggRunner(ModelRunner):
                                      "kv_cache_bytes": num_blocks * self.block_bytes(), "num_ops": len(self.ops),
                                      "attn_layers": len(self.attn_ops), "pid": os.getpid()}}
         else:
+            # the engine's block manager sees every KV cache group (sliding-window blocks are freed
+            # as in the colocated engine); each stage binds its own layers' caches by the same layout
+            self.kv_spec = KVCacheSpec(self.kv_layout()[0])
             self._start_workers()
             # The stages are the compute; the engine process only schedules, prepares metadata and
             # detokenizes. Its idle OpenMP threads would spin on the cores the stages run on.
@@ -136,8 +144,11 @@ class DisaggRunner(ModelRunner):
         status = ShmSegment(new_name("status"), STATUS_BYTES * len(spec.stages), create=True)
         self.segments.append(status)
         self.status = status
-        meta_slot = 8 * (4 * self.max_tokens + 4 * self.max_seqs + 8
-                         + self.max_seqs * (self.max_positions // self.block_size + 2)) + 64 * self.max_seqs + 65536
+        groups, where, _ = self.kv_layout()
+        per_group = 8 * (self.max_tokens + self.max_seqs * (self.max_positions // self.block_size + 2))
+        meta_slot = 8 * (4 * self.max_tokens + 4 * self.max_seqs + 8) + per_group + 64 * self.max_seqs + 65536
+        if len(groups) > 1:  # every group's slot mapping and block tables travel too
+            meta_slot += len(groups) * per_group
         S = self.num_streams
         # sampling on the stage: rows with penalties / min_tokens carry their token ids
         hist_bytes = 8 * self.max_seqs * self.max_positions if self.sample_on_stage else 0
@@ -176,7 +187,8 @@ class DisaggRunner(ModelRunner):
                 "dtype": str(self.dtype).removeprefix("torch."), "max_positions": self.max_positions,
                 "weights": wdesc, "num_blocks": self.num_blocks, "block_size": self.block_size,
                 "sigs": [[s.name, list(s.reads), list(s.writes)] for s in self.sigs], "owner": spec.owner,
-                "status": status.name, "status_size": status.size}
+                "status": status.name, "status_size": status.size,
+                "kv_layout": {name: list(gj) for name, gj in where.items()}}
         for s in spec.stages:
             cfg = {**base, "stage": s.name, "index": s.index, "threads": s.threads, "device": s.device, "ops": s.ops}
             if self.sample_on_stage and s.name == self.out_stage:

@@ -26,12 +26,29 @@ class DisaggBatch:
 
 
 def encode_batch(batch: StepBatch) -> tuple[dict, list[torch.Tensor]]:
-    return {k: getattr(batch, k) for k in _SCALARS}, [getattr(batch, k) for k in _TENSORS]
+    """Header scalars and tensors; a model with several KV cache groups (sliding-window and full
+    layers) also sends every group's slot mapping and block tables."""
+    header, tensors = {k: getattr(batch, k) for k in _SCALARS}, [getattr(batch, k) for k in _TENSORS]
+    if batch.group_slot_mappings is not None:
+        header["num_groups"] = len(batch.group_slot_mappings)
+        tensors += [*batch.group_slot_mappings, *batch.group_block_tables]
+    return header, tensors
+
+
+def num_meta_tensors(header: dict) -> int:
+    """How many of a step message's tensors are metadata (the rest: the sampling entry)."""
+    return len(_TENSORS) + 2 * header.get("num_groups", 0)
 
 
 def decode_batch(header: dict, tensors: Sequence[torch.Tensor]) -> StepBatch:
     """The tensors may be views of a transport buffer: the StepBatch uses them in place."""
-    return StepBatch(**{k: header[k] for k in _SCALARS}, **dict(zip(_TENSORS, tensors)))
+    batch = StepBatch(**{k: header[k] for k in _SCALARS}, **dict(zip(_TENSORS, tensors)))
+    g = header.get("num_groups", 0)
+    if g:
+        extra = tensors[len(_TENSORS):len(_TENSORS) + 2 * g]
+        batch.group_slot_mappings, batch.group_block_tables = list(extra[:g]), list(extra[g:])
+        batch.group_memos = [batch.memo] + [{} for _ in range(g - 1)]
+    return batch
 
 
 def metadata_bytes(batch: StepBatch) -> int:

@@ -20,11 +20,16 @@ from opdisagg_rt.models.loader import LoadedModel
 from opdisagg_rt.models.registry import build_model_ops
 
 # Which checkpoint tensors (transformers names, below `model.layers.{i}.`) each operation reads.
+# `post_attention_layernorm` is Llama's pre-MLP norm but Gemma-3's post-attention norm (applied in
+# o_proj, with `pre_feedforward_layernorm` before the MLP and `post_feedforward_layernorm` in it):
+# both ops list it, a stage may import one small vector it does not use.
 _LAYER_WEIGHTS = {"attn_norm": ("input_layernorm.",),
                   "qkv_proj": ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.",
                                "self_attn.q_norm.", "self_attn.k_norm."),
-                  "o_proj": ("self_attn.o_proj.",), "mlp_norm": ("post_attention_layernorm.",),
-                  "mlp": ("mlp.",), "moe": ("mlp.", "block_sparse_moe."), "attn": ("self_attn.sinks",)}
+                  "o_proj": ("self_attn.o_proj.", "post_attention_layernorm."),
+                  "mlp_norm": ("post_attention_layernorm.", "pre_feedforward_layernorm."),
+                  "mlp": ("mlp.", "post_feedforward_layernorm."), "moe": ("mlp.", "block_sparse_moe."),
+                  "attn": ("self_attn.sinks",)}
 
 
 def op_weight_names(op: str, names: list[str]) -> list[str]:

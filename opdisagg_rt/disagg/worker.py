@@ -20,11 +20,12 @@ import torch
 
 from opdisagg_rt.config import ModelConfig
 from opdisagg_rt.disagg.graph import DRIVER, OpSig, StageGraph, build_graph
-from opdisagg_rt.disagg.meta import _TENSORS as META_TENSORS, decode_batch
+from opdisagg_rt.disagg.meta import decode_batch, num_meta_tensors
 from opdisagg_rt.disagg.transport.shm import ShmSegment
 from opdisagg_rt.disagg.weights import build_ops_partial, import_weights, index_shapes, op_weight_names
 from opdisagg_rt.layers.attention import AttentionOp
 from opdisagg_rt.layers.base import Op
+from opdisagg_rt.models.executor import run_op
 from opdisagg_rt.models.loader import LoadedModel
 
 # Status block per stage in the engine's status segment (int64 words, then an error text).
@@ -103,7 +104,7 @@ class StageProgram:
                 with lock:
                     start = time.perf_counter()
                     for op in ops:
-                        op.forward(t, batch)
+                        run_op(op, t, batch)
                     for n in keep:  # needed by a later visit here: the slot is about to be reused
                         t[n] = t[n].clone()
                     sampled = sampler.sample(t["logits"], *samples[mb]) if to_driver else None
@@ -128,7 +129,7 @@ def _sample_info(header: dict, tensors) -> tuple[dict, torch.Tensor | None] | No
     info = header.get("sample")
     if info is None:
         return None
-    extra = tensors[len(META_TENSORS):]
+    extra = tensors[num_meta_tensors(header):]
     return info, (extra[0] if extra else None)
 
 
@@ -148,11 +149,18 @@ def build_stage(cfg: dict) -> tuple[list[Op], StageProgram, dict]:
         del full
     ops = build_ops_partial(meta, dtype, cfg["max_positions"], weights, set(mine))
     kv_bytes = 0
+    caches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for op in ops:
         if isinstance(op, AttentionOp):
-            shape = (cfg["num_blocks"], cfg["block_size"], op.num_kv_heads, op.head_dim)
-            op.bind_cache(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
-            kv_bytes += 2 * op.k_cache.numel() * op.k_cache.element_size()
+            # the engine's KV layout: (group, tensor pair) per layer; layers of different groups
+            # share a pair (their block ids never collide), as in the colocated engine
+            g, j = cfg["kv_layout"].get(op.name, (0, op.name))
+            if j not in caches:
+                shape = (cfg["num_blocks"], cfg["block_size"], op.num_kv_heads, op.head_dim)
+                caches[j] = (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+                kv_bytes += 2 * caches[j][0].numel() * caches[j][0].element_size()
+            op.bind_cache(*caches[j])
+            op.kv_group = g
     sigs = [OpSig(n, tuple(r), tuple(w)) for n, r, w in cfg["sigs"]]
     graph = build_graph(sigs, cfg["owner"])
     memory = {"weights_bytes": sum(op.nbytes() for op in ops), "kv_cache_bytes": kv_bytes,

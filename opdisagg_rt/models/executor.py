@@ -9,10 +9,19 @@ from opdisagg_rt.layers.base import Op, Tensors
 from opdisagg_rt.step_batch import StepBatch
 
 
+def run_op(op: Op, t: Tensors, batch: StepBatch) -> None:
+    """One operation; an attention layer of a model with several KV cache groups first points the
+    batch at its group's slot mapping and block tables (a no-op for single-group models)."""
+    g = getattr(op, "kv_group", None)
+    if g is not None:
+        batch.select_group(g)
+    op.forward(t, batch)
+
+
 def run_ops(ops: list[Op], batch: StepBatch, tensors: Tensors | None = None) -> Tensors:
     t: Tensors = {} if tensors is None else tensors
     for op in ops:
-        op.forward(t, batch)
+        run_op(op, t, batch)
     return t
 
 
@@ -27,6 +36,6 @@ def profile_ops(ops: list[Op], batch: StepBatch) -> dict[str, float]:
     spent: dict[str, float] = defaultdict(float)
     for op in ops:
         start = time.perf_counter()
-        op.forward(t, batch)
+        run_op(op, t, batch)
         spent[op_kind(op.name)] += time.perf_counter() - start
     return dict(spent)
