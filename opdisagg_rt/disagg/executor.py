@@ -139,7 +139,10 @@ class DisaggRunner(ModelRunner):
         stale = sweep_stale()
         if stale:
             logger.warning("removed %d shared-memory segments of dead engines: %s", len(stale), stale)
-        wseg, wdesc = export_weights(self.loaded.weights)
+        # GGUF block forms ride along as `name.kind` entries (as registry.build_model_ops merges them):
+        # a stage streams its Q4_1/Q8_0 projections exactly as the colocated engine does
+        blocks = {f"{n}.{kind}": b for n, (kind, b) in self.loaded.gguf_blocks.items()}
+        wseg, wdesc = export_weights(self.loaded.weights | blocks)
         self.segments.append(wseg)
         status = ShmSegment(new_name("status"), STATUS_BYTES * len(spec.stages), create=True)
         self.segments.append(status)

@@ -41,8 +41,9 @@ def op_weight_names(op: str, names: list[str]) -> list[str]:
         return ["model.embed_tokens.weight"]
     if op == "final_norm":
         return ["model.norm.weight"]
-    if op == "lm_head":
-        return ["lm_head.weight"] if "lm_head.weight" in names else ["model.embed_tokens.weight"]
+    if op == "lm_head":  # plus the matrix's GGUF block form (`name.kind`), if exported
+        w = "lm_head.weight" if "lm_head.weight" in names else "model.embed_tokens.weight"
+        return [w] + [n for n in names if n.startswith(w + ".")]
     raise ValueError(f"no weight mapping for operation {op!r}")
 
 

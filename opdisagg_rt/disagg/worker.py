@@ -144,7 +144,8 @@ def build_stage(cfg: dict) -> tuple[list[Op], StageProgram, dict]:
         weights = import_weights(cfg["weights"], wanted)
     else:  # another host: read the checkpoint here, keep only this stage's tensors
         from opdisagg_rt.models.loader import load_model
-        full = load_model(cfg["source"]).weights
+        lm = load_model(cfg["source"])
+        full = lm.weights | {f"{n}.{kind}": b for n, (kind, b) in lm.gguf_blocks.items()}
         weights = {k: full[k] for k in wanted}
         del full
     ops = build_ops_partial(meta, dtype, cfg["max_positions"], weights, set(mine))
