@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from typing import Callable
 
 import torch
 
@@ -204,11 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["peers"]["hf"] = run_hf(loaded, prompts, args.output_len, getattr(torch, args.dtype))
         result["ratio_vs_hf"] = result["engine"]["throughput_tok_s"] / result["peers"]["hf"]["throughput_tok_s"]
     print_table(result)
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(result, f, indent=2)
-    if args.plot:
-        plot(result, args.plot)
+    save_results(result, args.json_path, args.plot, plot)
     return result
 
 
@@ -219,12 +216,18 @@ def _kvstore_main(args) -> dict:
         args.output_len = 16
     result = bench_workloads.run(args, load_model(args.model))
     bench_workloads.print_table(result)
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(result, f, indent=2)
-    if args.plot:
-        bench_workloads.plot(result, args.plot)
+    save_results(result, args.json_path, args.plot, bench_workloads.plot)
     return result
+
+
+def save_results(result: dict, json_path: str | None, plot_path: str | None,
+                 plot_fn: Callable[[dict, str], None]) -> None:
+    """What every bench mode writes: the results as JSON and their chart as PNG, when asked."""
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)
+    if plot_path:
+        plot_fn(result, plot_path)
 
 
 def print_table(result: dict) -> None:

@@ -37,7 +37,6 @@ past the window).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -499,11 +498,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m opdisagg_rt.bench
     res = run_sweep(cfg, progress=not args.no_progress)
     res["wall_seconds"] = time.perf_counter() - t0
     print(format_table(res))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
-    if args.plot:
-        plot(res, args.plot)
+    from opdisagg_rt.bench import save_results
+    save_results(res, args.json, args.plot, plot)
     return res
 
 

@@ -65,64 +65,27 @@ OPDISAGG_LA_INLINE Vec vload(const float* p) {
 template <class Vec>
 OPDISAGG_LA_INLINE void vstore(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
 
-// Lightning, columns [0, NV*L) of S (S, v, o already offset to the tile): one pass,
-// S = decay * S + k^T v and o = q S on the fresh rows while they are in registers.
-template <class Vec, int NV>
-OPDISAGG_LA_INLINE void lightning_tile(float* S, int64_t ld, int64_t K, const float* q,
-                                       const float* k, const float* v, float decay, float* o) {
-  constexpr int L = sizeof(Vec) / sizeof(float);
-  Vec vv[NV], acc[NV];
-  for (int u = 0; u < NV; ++u) vv[u] = vload<Vec>(v + L * u), acc[u] = Vec{};
-  for (int64_t i = 0; i < K; ++i) {
-    float* row = S + i * ld;
-    const float ki = k[i], qi = q[i];
-    for (int u = 0; u < NV; ++u) {
-      const Vec s = vload<Vec>(row + L * u) * decay + ki * vv[u];
-      vstore<Vec>(row + L * u, s);
-      acc[u] += qi * s;
-    }
-  }
-  for (int u = 0; u < NV; ++u) vstore<Vec>(o + L * u, acc[u]);
-}
-
-// All V columns: full tiles, then single vectors, then scalar columns (d_v % L).
-template <class Vec, int NV>
-OPDISAGG_LA_INLINE void lightning_cols(float* S, int64_t K, int64_t V, const float* q,
-                                       const float* k, const float* v, float decay, float* o) {
-  constexpr int L = sizeof(Vec) / sizeof(float);
-  int64_t j = 0;
-  for (; j + NV * L <= V; j += NV * L)
-    lightning_tile<Vec, NV>(S + j, V, K, q, k, v + j, decay, o + j);
-  for (; j + L <= V; j += L) lightning_tile<Vec, 1>(S + j, V, K, q, k, v + j, decay, o + j);
-  for (; j < V; ++j) {
-    float acc = 0.0f;
-    for (int64_t i = 0; i < K; ++i) {
-      float& s = S[i * V + j];
-      s = s * decay + k[i] * v[j];
-      acc += q[i] * s;
-    }
-    o[j] = acc;
-  }
-}
-
-// Gated delta rule, one column tile. Pass 1 reads the tile's K rows for k S (undecayed: the
-// decay factors out, k (e^g S) = e^g (k S)); pass 2 rewrites them, S = e^g S + k^T delta, and
-// accumulates o = q S on the new rows. The tile (K x NV*L floats, 64 KB at 128 x 128 with
-// AVX-512) is still in L1/L2 for pass 2, so main memory sees one read and one write.
-template <class Vec, int NV>
-OPDISAGG_LA_INLINE void gdn_tile(float* S, int64_t ld, int64_t K, const float* q, const float* k,
-                                 const float* v, float decay, float beta, float* o) {
+// One recurrent decode update of a column tile: S = decay * S + k^T delta, then o = q S on the
+// new rows. Lightning: delta = v. Gated delta rule (kDelta): delta = beta (v - k (decay S)), the
+// tile's K rows read once more before the update for k S (undecayed: the decay factors out,
+// k (e^g S) = e^g (k S)). The tile (K x NV*L floats, 64 KB at 128 x 128 with AVX-512) is still in
+// L1/L2 for the update, so main memory sees one read and one write of the state.
+template <class Vec, int NV, bool kDelta>
+OPDISAGG_LA_INLINE void update_tile(float* S, int64_t ld, int64_t K, const float* q, const float* k,
+                                    const float* v, float decay, float beta, float* o) {
   constexpr int L = sizeof(Vec) / sizeof(float);
   Vec acc[NV], delta[NV];
-  for (int u = 0; u < NV; ++u) acc[u] = Vec{};
-  for (int64_t i = 0; i < K; ++i) {
-    const float* row = S + i * ld;
-    const float ki = k[i];
-    for (int u = 0; u < NV; ++u) acc[u] += ki * vload<Vec>(row + L * u);
-  }
-  for (int u = 0; u < NV; ++u) {
-    delta[u] = beta * (vload<Vec>(v + L * u) - decay * acc[u]);
-    acc[u] = Vec{};
+  for (int u = 0; u < NV; ++u) delta[u] = vload<Vec>(v + L * u), acc[u] = Vec{};
+  if constexpr (kDelta) {
+    for (int64_t i = 0; i < K; ++i) {
+      const float* row = S + i * ld;
+      const float ki = k[i];
+      for (int u = 0; u < NV; ++u) acc[u] += ki * vload<Vec>(row + L * u);
+    }
+    for (int u = 0; u < NV; ++u) {
+      delta[u] = beta * (delta[u] - decay * acc[u]);
+      acc[u] = Vec{};
+    }
   }
   for (int64_t i = 0; i < K; ++i) {
     float* row = S + i * ld;
@@ -136,18 +99,22 @@ OPDISAGG_LA_INLINE void gdn_tile(float* S, int64_t ld, int64_t K, const float* q
   for (int u = 0; u < NV; ++u) vstore<Vec>(o + L * u, acc[u]);
 }
 
-template <class Vec, int NV>
-OPDISAGG_LA_INLINE void gdn_cols(float* S, int64_t K, int64_t V, const float* q, const float* k,
-                                 const float* v, float decay, float beta, float* o) {
+// All V columns: full tiles, then single vectors, then scalar columns (d_v % L).
+template <class Vec, int NV, bool kDelta>
+OPDISAGG_LA_INLINE void update_cols(float* S, int64_t K, int64_t V, const float* q, const float* k,
+                                    const float* v, float decay, float beta, float* o) {
   constexpr int L = sizeof(Vec) / sizeof(float);
   int64_t j = 0;
   for (; j + NV * L <= V; j += NV * L)
-    gdn_tile<Vec, NV>(S + j, V, K, q, k, v + j, decay, beta, o + j);
-  for (; j + L <= V; j += L) gdn_tile<Vec, 1>(S + j, V, K, q, k, v + j, decay, beta, o + j);
+    update_tile<Vec, NV, kDelta>(S + j, V, K, q, k, v + j, decay, beta, o + j);
+  for (; j + L <= V; j += L) update_tile<Vec, 1, kDelta>(S + j, V, K, q, k, v + j, decay, beta, o + j);
   for (; j < V; ++j) {
-    float ks = 0.0f;
-    for (int64_t i = 0; i < K; ++i) ks += k[i] * S[i * V + j];
-    const float delta = beta * (v[j] - decay * ks);
+    float delta = v[j];
+    if constexpr (kDelta) {
+      float ks = 0.0f;
+      for (int64_t i = 0; i < K; ++i) ks += k[i] * S[i * V + j];
+      delta = beta * (v[j] - decay * ks);
+    }
     float acc = 0.0f;
     for (int64_t i = 0; i < K; ++i) {
       float& s = S[i * V + j];
@@ -161,11 +128,11 @@ OPDISAGG_LA_INLINE void gdn_cols(float* S, int64_t K, int64_t V, const float* q,
 #define OPDISAGG_LA_VARIANTS(name, Vec, NV, attr)                                                  \
   attr void lightning_head_##name(float* S, int64_t K, int64_t V, const float* q, const float* k, \
                                   const float* v, float decay, float* o) {                         \
-    lightning_cols<Vec, NV>(S, K, V, q, k, v, decay, o);                                           \
+    update_cols<Vec, NV, false>(S, K, V, q, k, v, decay, 1.0f, o);                                \
   }                                                                                                \
   attr void gdn_head_##name(float* S, int64_t K, int64_t V, const float* q, const float* k,       \
                             const float* v, float decay, float beta, float* o) {                   \
-    gdn_cols<Vec, NV>(S, K, V, q, k, v, decay, beta, o);                                           \
+    update_cols<Vec, NV, true>(S, K, V, q, k, v, decay, beta, o);                                  \
   }
 
 OPDISAGG_LA_VARIANTS(base, v4, 4, )

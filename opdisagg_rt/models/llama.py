@@ -57,6 +57,18 @@ def layer_window(cfg: ModelConfig, i: int) -> int | None:
     return window if window else None
 
 
+def check_layer_types(types, num_layers: int, allowed: tuple[str, ...], origin: str) -> list[str]:
+    """A config's `layer_types` (one attention kind per layer), checked: one entry per layer,
+    each a kind this builder supports; errors name the field, the index and the value."""
+    types = list(types)
+    if len(types) != num_layers:
+        raise ValueError(f"{origin}: layer_types has {len(types)} entries for num_hidden_layers={num_layers}")
+    for i, kind in enumerate(types):
+        if kind not in allowed:
+            raise ValueError(f"{origin}: layer_types[{i}]={kind!r} is not supported ({', '.join(allowed)})")
+    return types
+
+
 def attention_ops(cfg: ModelConfig, w: WeightSource, i: int, rope: RotaryEmbedding,
                   qk_norm: bool = False, sinks: bool = False) -> list[Op]:
     """`attn_norm`, `qkv_proj`, `attn`, `o_proj` of layer i in transformers' Llama names;

@@ -29,7 +29,7 @@ from opdisagg_rt.layers.linear import Linear
 from opdisagg_rt.layers.moe import Experts, MoEOp, Router, RouterConfig
 from opdisagg_rt.layers.norm import RMSNormOp
 from opdisagg_rt.layers.rope import RotaryEmbedding
-from opdisagg_rt.models.llama import WeightSource, head_ops
+from opdisagg_rt.models.llama import WeightSource, check_layer_types, head_ops
 from opdisagg_rt.models.moe_models import _num_experts, _stacked_experts
 from opdisagg_rt.step_batch import StepBatch
 
@@ -68,12 +68,7 @@ def minimax_layer_types(hf: dict[str, Any], num_layers: int, origin: str) -> lis
     types = hf.get("layer_types")
     if types is None:  # transformers' default: full attention on even layers
         types = ["full_attention" if (i + 1) % 2 else "linear_attention" for i in range(num_layers)]
-    if len(types) != num_layers:
-        raise ValueError(f"{origin}: layer_types has {len(types)} entries for {num_layers} layers")
-    for i, kind in enumerate(types):
-        if kind not in LAYER_TYPES:
-            raise ValueError(f"{origin}: layer_types[{i}]={kind!r} is not supported ({', '.join(LAYER_TYPES)})")
-    return list(types)
+    return check_layer_types(types, num_layers, LAYER_TYPES, origin)
 
 
 def _factor(hf: dict[str, Any], key: str) -> float:

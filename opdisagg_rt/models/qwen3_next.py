@@ -30,7 +30,7 @@ from opdisagg_rt.layers.gated_deltanet import GatedDeltaNetOp, GDNInProjOp, spli
 from opdisagg_rt.layers.moe import Experts, MoEOp, Router, RouterConfig, SharedExpert
 from opdisagg_rt.layers.rope import RotaryEmbedding
 from opdisagg_rt.models.gemma3 import GemmaRMSNormOp
-from opdisagg_rt.models.llama import WeightSource, dense_mlp_op, layer_window
+from opdisagg_rt.models.llama import WeightSource, check_layer_types, dense_mlp_op, layer_window
 from opdisagg_rt.models.moe_models import _qwen_is_moe_layer, _stacked_experts
 
 QWEN3_NEXT_ARCHITECTURES = ("Qwen3NextForCausalLM",)
@@ -124,12 +124,7 @@ def qwen3_next_layer_types(hf: dict[str, Any], num_layers: int, origin: str) -> 
     if types is None:  # transformers' default: every 4th layer full attention
         interval = int(hf.get("full_attention_interval", 4))
         types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(num_layers)]
-    types = list(types)
-    if len(types) != num_layers:
-        raise ValueError(f"{origin}: layer_types has {len(types)} entries for num_hidden_layers={num_layers}")
-    for i, t in enumerate(types):
-        if t not in LAYER_TYPES:
-            raise ValueError(f"{origin}: layer_types[{i}]={t!r} is not supported ({', '.join(LAYER_TYPES)})")
+    types = check_layer_types(types, num_layers, LAYER_TYPES, origin)
     if "sliding_attention" in types and not hf.get("sliding_window"):
         raise ValueError(f"{origin}: layer_types has sliding_attention but sliding_window={hf.get('sliding_window')!r}")
     return types

@@ -257,22 +257,13 @@ def run_prefill(ops, ids: list[int], block_size: int = 8, dtype=torch.float32) -
 
 
 def check_greedy(hf, prompts, outs, steps=STEPS):
-    for prompt, out in zip(prompts, outs):
-        assert len(out.token_ids) == steps
-        with torch.inference_mode():
-            logits = hf(torch.tensor([prompt + out.token_ids])).logits[0, len(prompt) - 1:-1]
-        top2 = logits.topk(2, dim=-1)
-        assert out.token_ids == top2.indices[:, 0].tolist()
-        margin = float((top2.values[:, 0] - top2.values[:, 1]).min())
-        assert margin > MIN_MARGIN, f"near-tie along the trajectory ({margin:.2e}): pick another init scale"
+    from tiny_hf import check_greedy as check
+    check(hf, prompts, outs, steps, MIN_MARGIN)
 
 
 def same(a, b, tol: float = 1e-4):
-    for x, y in zip(a, b):
-        assert x.token_ids == y.token_ids
-        lx = [lp[t] for lp, t in zip(x.logprobs, x.token_ids)]
-        ly = [lp[t] for lp, t in zip(y.logprobs, y.token_ids)]
-        assert max(abs(p - q) for p, q in zip(lx, ly)) < tol
+    from tiny_hf import same_outputs
+    same_outputs(a, b, tol)
 
 
 def test_prefill_logits_match_transformers(qwen3_next):

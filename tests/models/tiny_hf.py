@@ -52,3 +52,26 @@ def run_prefill(ops, ids: list[int], block_size: int = 8, dtype=None):
                       state_indices=torch.tensor([0]))
     with torch.inference_mode():
         return run_ops(ops, batch)["logits"]
+
+
+def check_greedy(hf, prompts, outs, steps: int = 32, min_margin: float = 1e-3) -> None:
+    """Every engine token is transformers' argmax after the same prefix (one teacher-forced
+    forward), with a clear top-1/top-2 margin (else float32 noise could decide the comparison)."""
+    import torch
+    for prompt, out in zip(prompts, outs):
+        assert len(out.token_ids) == steps
+        with torch.inference_mode():
+            logits = hf(torch.tensor([prompt + out.token_ids])).logits[0, len(prompt) - 1:-1]
+        top2 = logits.topk(2, dim=-1)
+        assert out.token_ids == top2.indices[:, 0].tolist()
+        margin = float((top2.values[:, 0] - top2.values[:, 1]).min())
+        assert margin > min_margin, f"near-tie along the trajectory ({margin:.2e}): pick another init scale"
+
+
+def same_outputs(a, b, tol: float = 1e-4) -> None:
+    """The same tokens, and their log-probabilities within `tol` (requests run with logprobs=0)."""
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids
+        lx = [lp[t] for lp, t in zip(x.logprobs, x.token_ids)]
+        ly = [lp[t] for lp, t in zip(y.logprobs, y.token_ids)]
+        assert max(abs(p - q) for p, q in zip(lx, ly)) < tol
