@@ -2,6 +2,7 @@
 `add_request()`/`step()` for serving stacks that drive the loop themselves."""
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import os
@@ -81,6 +82,11 @@ class Engine:
         self._streams: dict[str, RequestStream] = {}
         self._logprobs: dict[str, list[dict[int, float]]] = {}
         self._ids = itertools.count()
+        # The startup heap (tokenizer tables, weights' Python wrappers: ~185k objects for SmolLM2)
+        # lives as long as the engine; freezing it keeps every full collection from rescanning it,
+        # which cost ~10% of a decode step (measured; vLLM's engine core does the same).
+        gc.collect()
+        gc.freeze()
 
     # -- requests -----------------------------------------------------------------------------
 
