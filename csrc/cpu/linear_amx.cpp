@@ -148,28 +148,30 @@ constexpr int64_t kQ4StepBytes = 640;
 
 struct Q4_1Source {
   static constexpr bool kExpands = true;
-  // One k step of column block nb -> its two bf16 B tiles in dst (2 KiB).
-  OPDISAGG_AMX_TARGET void expand_step(const Args& g, int64_t nb, int64_t kb, uint16_t* dst) const {
+  // Quarter `part` (tile part / 2, tile rows 8 (part % 2) .. + 8) of k step kb of column block
+  // nb -> bf16 tile rows in dst (the step's two B tiles, 2 KiB).
+  OPDISAGG_AMX_TARGET void expand_part(const Args& g, int64_t nb, int64_t kb, uint16_t* dst, int part) const {
     const uint8_t* step = static_cast<const uint8_t*>(g.packed) + (nb * g.Kb + kb) * kQ4StepBytes;
     const __m512i low4 = _mm512_set1_epi32(0xf);
     // Lane j of a row's first half belongs to column j / 2, of its second half to 8 + j / 2.
     const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
     const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
-    const char* ahead = reinterpret_cast<const char*>(step + kPrefetchSteps * kQ4StepBytes);
-    for (int line = 0; line < kQ4StepBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+    if (part == 0) {
+      const char* ahead = reinterpret_cast<const char*>(step + kPrefetchSteps * kQ4StepBytes);
+      for (int line = 0; line < kQ4StepBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+    }
+    const int t = part / 2, r0 = 8 * (part % 2);
     const uint16_t* dm = reinterpret_cast<const uint16_t*>(step + 512);
-    for (int t = 0; t < 2; ++t) {
-      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + 32 * t)));
-      const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + 32 * t + 16)));
-      const __m512 d0 = _mm512_permutexvar_ps(first, d), d1 = _mm512_permutexvar_ps(second, d);
-      const __m512 m0 = _mm512_permutexvar_ps(first, m), m1 = _mm512_permutexvar_ps(second, m);
-      for (int r = 0; r < 16; ++r) {
-        const __m512i q = _mm512_cvtepu8_epi32(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(step + t * 256 + r * 16)));
-        const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low4)), d0, m0);
-        const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), d1, m1);
-        _mm512_storeu_si512(dst + t * 512 + r * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-      }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + 32 * t)));
+    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + 32 * t + 16)));
+    const __m512 d0 = _mm512_permutexvar_ps(first, d), d1 = _mm512_permutexvar_ps(second, d);
+    const __m512 m0 = _mm512_permutexvar_ps(first, m), m1 = _mm512_permutexvar_ps(second, m);
+    for (int r = r0; r < r0 + 8; ++r) {
+      const __m512i q = _mm512_cvtepu8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(step + t * 256 + r * 16)));
+      const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low4)), d0, m0);
+      const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), d1, m1);
+      _mm512_storeu_si512(dst + t * 512 + r * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
     }
   }
 };
@@ -182,36 +184,45 @@ constexpr int64_t kQ8StepBytes = 1088;
 
 struct Q8_0Source {
   static constexpr bool kExpands = true;
-  OPDISAGG_AMX_TARGET void expand_step(const Args& g, int64_t nb, int64_t kb, uint16_t* dst) const {
+  OPDISAGG_AMX_TARGET void expand_part(const Args& g, int64_t nb, int64_t kb, uint16_t* dst, int part) const {
     const uint8_t* step = static_cast<const uint8_t*>(g.packed) + (nb * g.Kb + kb) * kQ8StepBytes;
     const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
     const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
-    const char* ahead = reinterpret_cast<const char*>(step + kPrefetchSteps * kQ8StepBytes);
-    for (int line = 0; line < kQ8StepBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+    if (part == 0) {
+      const char* ahead = reinterpret_cast<const char*>(step + kPrefetchSteps * kQ8StepBytes);
+      for (int line = 0; line < kQ8StepBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+    }
+    const int t = part / 2, r0 = 8 * (part % 2);
     const uint16_t* ds = reinterpret_cast<const uint16_t*>(step + 1024);
-    for (int t = 0; t < 2; ++t) {
-      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ds + 16 * t)));
-      const __m512 d0 = _mm512_permutexvar_ps(first, d), d1 = _mm512_permutexvar_ps(second, d);
-      for (int r = 0; r < 16; ++r) {
-        const int8_t* q = reinterpret_cast<const int8_t*>(step + t * 512 + r * 32);
-        const __m512 lo = _mm512_mul_ps(
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)))), d0);
-        const __m512 hi = _mm512_mul_ps(
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)))), d1);
-        _mm512_storeu_si512(dst + t * 512 + r * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-      }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ds + 16 * t)));
+    const __m512 d0 = _mm512_permutexvar_ps(first, d), d1 = _mm512_permutexvar_ps(second, d);
+    for (int r = r0; r < r0 + 8; ++r) {
+      const int8_t* q = reinterpret_cast<const int8_t*>(step + t * 512 + r * 32);
+      const __m512 lo = _mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)))), d0);
+      const __m512 hi = _mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)))), d1);
+      _mm512_storeu_si512(dst + t * 512 + r * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
     }
   }
 };
 
+// One whole k step of a GGUF block (the four quarters in order).
+template <class Source>
+OPDISAGG_AMX_TARGET inline void expand_step(const Source& source, const Args& g, int64_t nb, int64_t kb,
+                                            uint16_t* dst) {
+  for (int part = 0; part < 4; ++part) source.expand_part(g, nb, kb, dst, part);
+}
+
 // Column blocks [nb0, nb1): for each, every 32-row chunk of A accumulates over all k steps in
 // the tile registers. A bf16 block is read in place (later row chunks find it in L1/L2). A GGUF
 // block with one row chunk (decode batches up to 32) is expanded one k step at a time into a
-// small ring, kLookahead steps ahead of the tiles that read it: the vector expansion overlaps the
-// tile math, A stays in L1, and a tile load never waits for the stores of the step it reads
-// (measured: expanding the step just before its tile loads was slower than expanding the whole
-// block first). With more row chunks the whole block is expanded once into a per-thread buffer
-// that every chunk reads.
+// small ring, kLookahead steps ahead of the tiles that read it, a quarter of the step after
+// each tile multiply: the vector expansion and the tile math then overlap (measured at 32 rows:
+// 5-10% faster than expanding the whole step before the step's tile loads, which in turn beat
+// expanding the whole block first), A stays in L1, and a tile load never waits for the stores
+// of the step it reads. With more row chunks the whole block is expanded once into a
+// per-thread buffer that every chunk reads.
 constexpr int64_t kLookahead = 2, kRing = 4;
 template <class Source>
 OPDISAGG_AMX_TARGET void run_blocks(const Args& g, const Source& source, int64_t nb0, int64_t nb1) {
@@ -226,16 +237,14 @@ OPDISAGG_AMX_TARGET void run_blocks(const Args& g, const Source& source, int64_t
   for (int64_t nb = nb0; nb < nb1; ++nb) {
     const uint16_t* bblock = nullptr;
     if constexpr (Source::kExpands) {
-      if (!streamed) {
-        for (int64_t kb = 0; kb < g.Kb; ++kb) source.expand_step(g, nb, kb, scratch.data() + kb * kBlockStepElems);
+      if (streamed) {
+        for (int64_t kb = 0; kb < std::min<int64_t>(kLookahead, g.Kb); ++kb) expand_step(source, g, nb, kb, ring[kb]);
+      } else {
+        for (int64_t kb = 0; kb < g.Kb; ++kb) expand_step(source, g, nb, kb, scratch.data() + kb * kBlockStepElems);
         bblock = scratch.data();
       }
     } else {
       bblock = source.block(g, nb);
-    }
-    if constexpr (Source::kExpands) {
-      if (streamed)
-        for (int64_t kb = 0; kb < std::min<int64_t>(kLookahead, g.Kb); ++kb) source.expand_step(g, nb, kb, ring[kb]);
     }
     for (int64_t m0 = 0; m0 < g.Mp; m0 += 2 * kTileRows) {
       const bool two = m0 + kTileRows < g.Mp;
@@ -246,10 +255,12 @@ OPDISAGG_AMX_TARGET void run_blocks(const Args& g, const Source& source, int64_t
       _tile_zero(2);
       _tile_zero(3);
       for (int64_t kb = 0; kb < g.Kb; ++kb) {
+        // The ring slot filled a quarter at a time between the multiplies below, or null.
+        uint16_t* next = nullptr;
         const uint16_t* b;
         if constexpr (Source::kExpands) {
           if (streamed) {
-            if (kb + kLookahead < g.Kb) source.expand_step(g, nb, kb + kLookahead, ring[(kb + kLookahead) % kRing]);
+            if (kb + kLookahead < g.Kb) next = ring[(kb + kLookahead) % kRing];
             b = ring[kb % kRing];
           } else {
             b = bblock + kb * kBlockStepElems;
@@ -261,16 +272,25 @@ OPDISAGG_AMX_TARGET void run_blocks(const Args& g, const Source& source, int64_t
             for (int line = 0; line < 2 * 1024; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
           }
         }
+        auto expand_next = [&](int part) {
+          if constexpr (Source::kExpands) {
+            if (next != nullptr) source.expand_part(g, nb, kb + kLookahead, next, part);
+          }
+        };
         _tile_loadd(6, b, 64);
-        _tile_loadd(7, b + 512, 64);
         _tile_loadd(4, a0 + kb * kStepK, a_stride);
         _tile_dpbf16ps(0, 4, 6);
+        expand_next(0);
+        _tile_loadd(7, b + 512, 64);
         _tile_dpbf16ps(1, 4, 7);
+        expand_next(1);
         if (two) {
           _tile_loadd(5, a1 + kb * kStepK, a_stride);
           _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
         }
+        expand_next(2);
+        if (two) _tile_dpbf16ps(3, 5, 7);
+        expand_next(3);
       }
       _tile_stored(0, c[0], 128);
       _tile_stored(1, c[0] + 16, 128);
