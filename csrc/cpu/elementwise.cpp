@@ -72,6 +72,8 @@ struct F32 {
     return v;
   }
   static OPDISAGG_INLINE void vstore(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+  static OPDISAGG_INLINE void vload2(const float* p, v16& a, v16& b) { a = vload(p), b = vload(p + 16); }
+  static OPDISAGG_INLINE void vstore2(float* p, v16 a, v16 b) { vstore(p, a), vstore(p + 16, b); }
 };
 struct BF16 {
   using raw = uint16_t;
@@ -82,12 +84,29 @@ struct BF16 {
     std::memcpy(&h, p, sizeof(h));
     return __builtin_bit_cast(v16, __builtin_convertvector(h, v16u) << 16);
   }
-  static OPDISAGG_INLINE void vstore(uint16_t* p, v16 v) {
+  // Rounded to nearest even in place: the bf16 value in the upper half of the f32 bits (a NaN
+  // becomes c10's quiet NaN 0x7fc0), so a round trip needs no narrowing and widening.
+  static OPDISAGG_INLINE v16u vround_bits(v16 v) {
     const v16u u = __builtin_bit_cast(v16u, v);
-    const v16u rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const v16u bits = (u & 0x7fffffffu) > 0x7f800000u ? v16u{} + 0x7fc0u : rounded;
-    const v16h h = __builtin_convertvector(bits, v16h);
+    const v16u rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    return (u & 0x7fffffffu) > 0x7f800000u ? v16u{} + 0x7fc00000u : rounded;
+  }
+  static OPDISAGG_INLINE v16 vround(v16 v) { return __builtin_bit_cast(v16, vround_bits(v)); }
+  static OPDISAGG_INLINE void vstore(uint16_t* p, v16 v) {
+    const v16h h = __builtin_convertvector(vround_bits(v) >> 16, v16h);
     std::memcpy(p, &h, sizeof(h));
+  }
+  // 32 values as their even and odd positions: every step stays in 32-bit lanes (GCC splits the
+  // 16-bit <-> 32-bit conversions of vload/vstore into 128-bit pieces, ~3x slower per value).
+  static OPDISAGG_INLINE void vload2(const uint16_t* p, v16& even, v16& odd) {
+    v16u w;
+    std::memcpy(&w, p, sizeof(w));
+    even = __builtin_bit_cast(v16, w << 16);
+    odd = __builtin_bit_cast(v16, w & 0xffff0000u);
+  }
+  static OPDISAGG_INLINE void vstore2(uint16_t* p, v16 even, v16 odd) {
+    const v16u w = (vround_bits(even) >> 16) | vround_bits(odd);
+    std::memcpy(p, &w, sizeof(w));
   }
 };
 struct F16 {  // rare on CPU: scalar conversions through c10
@@ -102,6 +121,8 @@ struct F16 {  // rare on CPU: scalar conversions through c10
   static OPDISAGG_INLINE void vstore(uint16_t* p, v16 v) {
     for (int i = 0; i < 16; ++i) p[i] = store(v[i]);
   }
+  static OPDISAGG_INLINE void vload2(const uint16_t* p, v16& a, v16& b) { a = vload(p), b = vload(p + 16); }
+  static OPDISAGG_INLINE void vstore2(uint16_t* p, v16 a, v16 b) { vstore(p, a), vstore(p + 16, b); }
 };
 // The value x takes after a round trip through the storage dtype (identity for float32).
 template <class T>
@@ -112,6 +133,8 @@ template <class T>
 OPDISAGG_INLINE v16 vround_to(v16 x) {
   if constexpr (std::is_same_v<T, F32>) {
     return x;
+  } else if constexpr (std::is_same_v<T, BF16>) {
+    return BF16::vround(x);
   } else {
     typename T::raw tmp[16];
     T::vstore(tmp, x);
@@ -153,20 +176,26 @@ template <class T>
 OPDISAGG_INLINE void rms_norm_rows(typename T::raw* out, int64_t out_stride, const typename T::raw* x,
                                    int64_t x_stride, const typename T::raw* w, int64_t rows,
                                    int64_t hidden, float eps) {
+  const int64_t vec_end = hidden & ~int64_t{31};
   for (int64_t r = 0; r < rows; ++r) {
     const typename T::raw* xr = x + r * x_stride;
     typename T::raw* o = out + r * out_stride;
-    const int64_t vec_end = hidden & ~int64_t{15};
-    v16 acc{};
-    for (int64_t i = 0; i < vec_end; i += 16) {
-      const v16 v = T::vload(xr + i);
-      acc += v * v;
+    v16 acc0{}, acc1{};
+    for (int64_t i = 0; i < vec_end; i += 32) {
+      v16 a, b;
+      T::vload2(xr + i, a, b);
+      acc0 += a * a;
+      acc1 += b * b;
     }
-    float ss = hsum(acc);
+    float ss = hsum(acc0 + acc1);
     for (int64_t i = vec_end; i < hidden; ++i) ss += T::load(xr[i]) * T::load(xr[i]);
     const float inv = 1.0f / std::sqrt(ss / float(hidden) + eps);
-    for (int64_t i = 0; i < vec_end; i += 16)
-      T::vstore(o + i, T::vload(w + i) * vround_to<T>(T::vload(xr + i) * inv));
+    for (int64_t i = 0; i < vec_end; i += 32) {
+      v16 a, b, wa, wb;
+      T::vload2(xr + i, a, b);
+      T::vload2(w + i, wa, wb);
+      T::vstore2(o + i, wa * vround_to<T>(a * inv), wb * vround_to<T>(b * inv));
+    }
     for (int64_t i = vec_end; i < hidden; ++i)
       o[i] = T::store(T::load(w[i]) * round_to<T>(T::load(xr[i]) * inv));
   }
@@ -218,14 +247,16 @@ template <class T>
 OPDISAGG_INLINE void silu_and_mul_rows(typename T::raw* out, int64_t out_stride,
                                        const typename T::raw* x, int64_t x_stride, int64_t rows,
                                        int64_t d) {
+  const int64_t vec_end = d & ~int64_t{31};
   for (int64_t r = 0; r < rows; ++r) {
     const typename T::raw* g = x + r * x_stride;
     const typename T::raw* u = g + d;
     typename T::raw* o = out + r * out_stride;
-    const int64_t vec_end = d & ~int64_t{15};
-    for (int64_t i = 0; i < vec_end; i += 16) {
-      const v16 gv = T::vload(g + i);
-      T::vstore(o + i, vround_to<T>(gv / (1.0f + vexp(-gv))) * T::vload(u + i));
+    for (int64_t i = 0; i < vec_end; i += 32) {
+      v16 ga, gb, ua, ub;
+      T::vload2(g + i, ga, gb);
+      T::vload2(u + i, ua, ub);
+      T::vstore2(o + i, vround_to<T>(ga / (1.0f + vexp(-ga))) * ua, vround_to<T>(gb / (1.0f + vexp(-gb))) * ub);
     }
     for (int64_t i = vec_end; i < d; ++i) {
       const float gv = T::load(g[i]);
