@@ -243,9 +243,10 @@ void check_rotary_embedding(const at::Tensor& positions, const at::Tensor& query
 }
 
 namespace {
-// input [M, K] and out [M, N] bf16, optional bias [N] bf16, all on packed's device.
+// input [M, K] and out [M, N] bf16, optional bias [N] and residual [M, N] bf16, all on packed's device.
 void check_linear_io(const at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
-                     const std::optional<at::Tensor>& bias, const char* op) {
+                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                     const char* op) {
   TORCH_CHECK(input.dim() == 2 && out.dim() == 2, op, ": input must be [M, K] and out [M, N], got shapes ",
               input.sym_sizes(), ", ", out.sym_sizes());
   TORCH_CHECK(input.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16, op,
@@ -261,12 +262,24 @@ void check_linear_io(const at::Tensor& out, const at::Tensor& input, const at::T
                     bias->sym_size(0), " entries but out has ", out.sym_size(1), " columns");
     check_same_device(*bias, out, op, "bias", "out");
   }
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->dim() == 2 && residual->scalar_type() == at::kBFloat16, op,
+                ": residual must be bfloat16 [M, N], got ", residual->scalar_type(), " ",
+                residual->sym_sizes());
+    TORCH_SYM_CHECK(residual->sym_size(0).sym_eq(out.sym_size(0)) &
+                        residual->sym_size(1).sym_eq(out.sym_size(1)),
+                    op, ": residual ", residual->sym_sizes(), " does not match out ", out.sym_sizes());
+    TORCH_CHECK(residual->sym_size(1) == 1 || residual->sym_stride(1) == 1, op,
+                ": residual rows must be dense, got strides ", residual->sym_strides());
+    check_same_device(*residual, out, op, "residual", "out");
+  }
 }
 }  // namespace
 
 void check_linear_amx_gguf(const at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
-                           const std::optional<at::Tensor>& bias, const char* op, int64_t step_bytes) {
-  check_linear_io(out, input, packed, bias, op);
+                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                           const char* op, int64_t step_bytes) {
+  check_linear_io(out, input, packed, bias, residual, op);
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte, op,
               ": packed must be uint8 [ceil(N/32), K/32, ", step_bytes, "], got ",
               packed.scalar_type(), " ", packed.sym_sizes());
@@ -280,9 +293,9 @@ void check_linear_amx_gguf(const at::Tensor& out, const at::Tensor& input, const
 }
 
 void check_linear_amx(const at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
-                      const std::optional<at::Tensor>& bias) {
+                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
   constexpr const char* op = "linear_amx";
-  check_linear_io(out, input, packed, bias, op);
+  check_linear_io(out, input, packed, bias, residual, op);
   TORCH_CHECK(packed.dim() == 5 && packed.scalar_type() == at::kBFloat16, op,
               ": packed must be bfloat16 [ceil(N/32), ceil(K/32), 2, 16, 32], got ",
               packed.scalar_type(), " ", packed.sym_sizes());

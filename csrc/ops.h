@@ -27,11 +27,13 @@ void check_rms_norm(const at::Tensor& out, const at::Tensor& input, const at::Te
 void check_silu_and_mul(const at::Tensor& out, const at::Tensor& input);
 void check_rotary_embedding(const at::Tensor& positions, const at::Tensor& query,
                             const at::Tensor& key, const at::Tensor& cos_sin_cache);
+// residual (optional, bf16 [M, N]): out = residual + the projection, each rounded to bf16.
 void check_linear_amx(const at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
-                      const std::optional<at::Tensor>& bias);
+                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual);
 // GGUF packings (linear_amx_q4_1 / _q8_0): packed is uint8 [ceil(N/32), K/32, step_bytes].
 void check_linear_amx_gguf(const at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
-                           const std::optional<at::Tensor>& bias, const char* op, int64_t step_bytes);
+                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                           const char* op, int64_t step_bytes);
 
 // Whether this CPU and OS run the AMX-BF16 linear kernel (csrc/cpu/linear_amx.cpp).
 bool amx_available();

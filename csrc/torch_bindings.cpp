@@ -57,18 +57,18 @@ void rotary_embedding_meta(const at::Tensor& positions, at::Tensor& query, at::T
 }
 
 void linear_amx_meta(at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
-                     const std::optional<at::Tensor>& bias) {
-  check_linear_amx(out, input, packed, bias);
+                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
+  check_linear_amx(out, input, packed, bias, residual);
 }
 
 void linear_amx_q4_1_meta(at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
-                          const std::optional<at::Tensor>& bias) {
-  check_linear_amx_gguf(out, input, packed, bias, "linear_amx_q4_1", 640);
+                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
+  check_linear_amx_gguf(out, input, packed, bias, residual, "linear_amx_q4_1", 640);
 }
 
 void linear_amx_q8_0_meta(at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
-                          const std::optional<at::Tensor>& bias) {
-  check_linear_amx_gguf(out, input, packed, bias, "linear_amx_q8_0", 1088);
+                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
+  check_linear_amx_gguf(out, input, packed, bias, residual, "linear_amx_q8_0", 1088);
 }
 
 }  // namespace
@@ -107,13 +107,13 @@ TORCH_LIBRARY(opdisagg, m) {
       " bool is_neox) -> ()");
   // out [M, N] = input [M, K] @ W^T (+ bias), bf16, W prepacked for AMX tiles into
   // [ceil(N/32), ceil(K/32), 2, 16, 32] (see csrc/cpu/linear_amx.cpp). CPU with AMX-BF16 only.
-  m.def("linear_amx(Tensor(a!) out, Tensor input, Tensor packed, Tensor? bias) -> ()");
+  m.def("linear_amx(Tensor(a!) out, Tensor input, Tensor packed, Tensor? bias, Tensor? residual=None) -> ()");
   // The same with a GGUF Q4_1 weight kept 4-bit in memory, packed into uint8
   // [ceil(N/32), K/32, 640] and expanded to bf16 tile by tile (bit-identical to the loader's
   // bf16 dequantization).
-  m.def("linear_amx_q4_1(Tensor(a!) out, Tensor input, Tensor packed, Tensor? bias) -> ()");
+  m.def("linear_amx_q4_1(Tensor(a!) out, Tensor input, Tensor packed, Tensor? bias, Tensor? residual=None) -> ()");
   // ... and a GGUF Q8_0 weight, packed into uint8 [ceil(N/32), K/32, 1088].
-  m.def("linear_amx_q8_0(Tensor(a!) out, Tensor input, Tensor packed, Tensor? bias) -> ()");
+  m.def("linear_amx_q8_0(Tensor(a!) out, Tensor input, Tensor packed, Tensor? bias, Tensor? residual=None) -> ()");
   // One decode token per row n of a linear-attention layer, updating the float32 state row
   // state[state_indices[n]] ([num_slots, H, d_k, d_v]) in place; out [N, H, d_v] = q S (new S).
   // Lightning (MiniMax): S = decay[h] * S + k^T v, decay = exp(-slope) float32 [H].

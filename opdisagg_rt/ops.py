@@ -153,12 +153,15 @@ def pack_weight_amx(weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear_amx(input: torch.Tensor, packed: torch.Tensor, out_features: int,
-               bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+               bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
     """``input [M, K] @ W.T (+ bias)`` in bf16 with ``W`` packed by :func:`pack_weight_amx`;
-    float32 accumulation, one rounding. Needs :func:`amx_available`."""
+    float32 accumulation, one rounding. With ``residual`` (bf16 ``[M, N]``) returns ``residual +``
+    that bf16 result, rounded as a bf16 add (the residual stream update of a decoder layer,
+    without a separate add). Needs :func:`amx_available`."""
     if out is None:
         out = torch.empty(input.shape[0], out_features, dtype=input.dtype, device=input.device)
-    _linear_amx(out, input, packed, bias)
+    _linear_amx(out, input, packed, bias, residual)
     return out
 
 
@@ -195,13 +198,14 @@ def dequantize_q4_1(blocks: torch.Tensor) -> torch.Tensor:
 
 
 def linear_amx_q4_1(input: torch.Tensor, packed: torch.Tensor, out_features: int,
-                    bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                    residual: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`linear_amx` with the weight kept as GGUF Q4_1 (packed by
     :func:`pack_weight_amx_q4_1`), expanded to bf16 tile by tile: the same bf16 weight values as
     ``dequantize_q4_1(blocks).bfloat16()``, at under a third of the memory traffic."""
     if out is None:
         out = torch.empty(input.shape[0], out_features, dtype=input.dtype, device=input.device)
-    _linear_amx_q4_1(out, input, packed, bias)
+    _linear_amx_q4_1(out, input, packed, bias, residual)
     return out
 
 
@@ -232,12 +236,13 @@ def dequantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:
 
 
 def linear_amx_q8_0(input: torch.Tensor, packed: torch.Tensor, out_features: int,
-                    bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                    residual: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`linear_amx` with the weight kept as GGUF Q8_0 (see :func:`pack_weight_amx_q8_0`),
     expanded tile by tile to the bf16 values of ``dequantize_q8_0(blocks).bfloat16()``."""
     if out is None:
         out = torch.empty(input.shape[0], out_features, dtype=input.dtype, device=input.device)
-    _linear_amx_q8_0(out, input, packed, bias)
+    _linear_amx_q8_0(out, input, packed, bias, residual)
     return out
 
 # ---- references: naive torch indexing ------------------------------------------------------

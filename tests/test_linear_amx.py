@@ -69,7 +69,43 @@ def test_linear_layer_uses_amx_for_few_rows_and_onednn_for_many():
         assert_within_one_rounding(lin(x), reference(x, w, None))
 
 
+@needs_amx
+@pytest.mark.parametrize("m", [1, 17, 32, 64])
+@pytest.mark.parametrize("kind", ["bf16", "q4_1", "q8_0"])
+def test_residual_is_added_as_a_bf16_add_of_the_rounded_projection(m, kind):
+    # out = bf16(residual + bf16(x @ W^T + b)): the two roundings of `residual + proj(x)` in
+    # transformers' bf16 decoder layer, bit for bit, from strided residual rows.
+    n, k = 70, 96
+    x = torch.randn(m, k).bfloat16()
+    b = torch.randn(n).bfloat16()
+    residual = (torch.randn(m, n + 6) * 4).bfloat16()[:, 3:3 + n]  # rows with a stride
+    if kind == "bf16":
+        w = (torch.randn(n, k) * 0.1).bfloat16()
+        run = lambda **kw: ops.linear_amx(x, ops.pack_weight_amx(w), n, b, **kw)
+    elif kind == "q4_1":
+        blocks = random_q4_1_blocks(n, k, seed=m)
+        run = lambda **kw: ops.linear_amx_q4_1(x, ops.pack_weight_amx_q4_1(blocks), n, b, **kw)
+    else:
+        blocks = random_q8_0_blocks(n, k, seed=m)
+        run = lambda **kw: ops.linear_amx_q8_0(x, ops.pack_weight_amx_q8_0(blocks), n, b, **kw)
+    assert torch.equal(run(residual=residual), residual + run())
+
+
+@needs_amx
+def test_linear_layer_adds_the_residual_on_every_path():
+    w = (torch.randn(64, 96) * 0.1).bfloat16()
+    lin = Linear(w)
+    for rows in (5, 200):  # AMX kernel, oneDNN
+        x = torch.randn(rows, 96).bfloat16()
+        residual = torch.randn(rows, 64).bfloat16()
+        assert torch.equal(lin(x, residual=residual), residual + lin(x))
+
+
 @pytest.mark.parametrize("call,match", [
+    (lambda: ops.linear_amx(torch.randn(2, 64).bfloat16(), torch.zeros(1, 2, 2, 16, 32).bfloat16(), 32,
+                            residual=torch.zeros(2, 31).bfloat16()), "residual .* does not match out"),
+    (lambda: ops.linear_amx(torch.randn(2, 64).bfloat16(), torch.zeros(1, 2, 2, 16, 32).bfloat16(), 32,
+                            residual=torch.zeros(2, 32)), "residual must be bfloat16"),
     (lambda: ops.linear_amx(torch.randn(2, 64).bfloat16(), torch.zeros(1, 3, 2, 16, 32).bfloat16(), 32),
      "is not the packing of a"),
     (lambda: ops.linear_amx(torch.randn(2, 64), torch.zeros(1, 2, 2, 16, 32).bfloat16(), 32), "must be bfloat16"),
@@ -87,6 +123,7 @@ def test_opcheck():
     w = (torch.randn(40, 48) * 0.1).bfloat16()
     args = (torch.empty(3, 40).bfloat16(), torch.randn(3, 48).bfloat16(), ops.pack_weight_amx(w), None)
     torch.library.opcheck(torch.ops.opdisagg.linear_amx.default, args)
+    torch.library.opcheck(torch.ops.opdisagg.linear_amx.default, args + (torch.randn(3, 40).bfloat16(),))
 
 
 # ---- GGUF Q4_1 weights streamed 4-bit ----------------------------------------------------------

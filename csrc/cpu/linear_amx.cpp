@@ -88,8 +88,9 @@ struct Args {
   const uint16_t* a;       // [Mp, Kp] zero-padded input rows
   const void* packed;      // the weight in its source's packed layout
   const uint16_t* bias;    // [N] or nullptr
+  const uint16_t* residual;  // [M, N] with row stride res_stride, or nullptr
   uint16_t* out;           // [M, N] with row stride out_stride
-  int64_t M, N, Mp, Kb, out_stride;
+  int64_t M, N, Mp, Kb, out_stride, res_stride;
 };
 
 // Round to nearest even, as c10::BFloat16 (the values are finite sums of finite products).
@@ -100,7 +101,16 @@ OPDISAGG_AMX_TARGET inline __m256i to_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(biased, 16));
 }
 
-// C tiles (fp32, rows x 32 columns from `c`, row stride 32) -> bf16 out rows, plus bias.
+// 32 bf16 -> their first / last 16 as float32.
+OPDISAGG_AMX_TARGET inline __m512 widen_lo(__m512i x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(x)), 16));
+}
+OPDISAGG_AMX_TARGET inline __m512 widen_hi(__m512i x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(x, 1)), 16));
+}
+
+// C tiles (fp32, rows x 32 columns from `c`, row stride 32) -> bf16 out rows, plus bias, plus
+// the residual rows when given.
 OPDISAGG_AMX_TARGET void store_rows(const Args& g, const float* c, int64_t m0, int64_t rows,
                                     int64_t n0) {
   const int64_t cols = std::min<int64_t>(kBlockN, g.N - n0);
@@ -108,13 +118,19 @@ OPDISAGG_AMX_TARGET void store_rows(const Args& g, const float* c, int64_t m0, i
   __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
   if (g.bias != nullptr) {
     const __m512i raw = _mm512_maskz_loadu_epi16(mask, g.bias + n0);
-    b0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
-    b1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
+    b0 = widen_lo(raw);
+    b1 = widen_hi(raw);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const __m512 lo = _mm512_add_ps(_mm512_loadu_ps(c + r * 32), b0);
     const __m512 hi = _mm512_add_ps(_mm512_loadu_ps(c + r * 32 + 16), b1);
-    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16(lo)), to_bf16(hi), 1);
+    __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16(lo)), to_bf16(hi), 1);
+    if (g.residual != nullptr) {  // residual + the bf16 projection, rounded again (as a bf16 add)
+      const __m512i res = _mm512_maskz_loadu_epi16(mask, g.residual + (m0 + r) * g.res_stride + n0);
+      const __m512 sum_lo = _mm512_add_ps(widen_lo(res), widen_lo(both));
+      const __m512 sum_hi = _mm512_add_ps(widen_hi(res), widen_hi(both));
+      both = _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16(sum_lo)), to_bf16(sum_hi), 1);
+    }
     _mm512_mask_storeu_epi16(g.out + (m0 + r) * g.out_stride + n0, mask, both);
   }
 }
@@ -323,7 +339,8 @@ namespace {
 // column blocks over threads.
 template <class Source>
 void linear_amx_run(at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
-                    const std::optional<at::Tensor>& bias, const char* op) {
+                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                    const char* op) {
   TORCH_CHECK(amx_available(), op,
               ": this CPU (or OS, or OPDISAGG_AMX=0) does not allow AMX-BF16; check "
               "torch.ops.opdisagg.amx_available() before calling");
@@ -341,7 +358,9 @@ void linear_amx_run(at::Tensor& out, const at::Tensor& input, const at::Tensor& 
   const auto bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   const Args g{static_cast<const uint16_t*>(a.const_data_ptr()), packed.const_data_ptr(),
                bias_c.defined() ? static_cast<const uint16_t*>(bias_c.const_data_ptr()) : nullptr,
-               static_cast<uint16_t*>(out.data_ptr()), M, N, Mp, Kb, out.stride(0)};
+               residual.has_value() ? static_cast<const uint16_t*>(residual->const_data_ptr()) : nullptr,
+               static_cast<uint16_t*>(out.data_ptr()), M, N, Mp, Kb, out.stride(0),
+               residual.has_value() ? residual->stride(0) : 0};
   // Split the column blocks evenly over the threads: each streams its own slice of the weight.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t grain = std::max<int64_t>(2, (Nb + threads - 1) / threads);
@@ -351,32 +370,32 @@ void linear_amx_run(at::Tensor& out, const at::Tensor& input, const at::Tensor& 
 }
 
 void linear_amx_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
-                    const std::optional<at::Tensor>& bias) {
-  check_linear_amx(out, input, packed, bias);
+                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
+  check_linear_amx(out, input, packed, bias, residual);
 #if defined(OPDISAGG_AMX)
-  linear_amx_run<Bf16Source>(out, input, packed, bias, kOp);
+  linear_amx_run<Bf16Source>(out, input, packed, bias, residual, kOp);
 #else
-  linear_amx_run<int>(out, input, packed, bias, kOp);
+  linear_amx_run<int>(out, input, packed, bias, residual, kOp);
 #endif
 }
 
 void linear_amx_q8_0_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
-                         const std::optional<at::Tensor>& bias) {
-  check_linear_amx_gguf(out, input, packed, bias, "linear_amx_q8_0", kQ8StepBytesHost);
+                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
+  check_linear_amx_gguf(out, input, packed, bias, residual, "linear_amx_q8_0", kQ8StepBytesHost);
 #if defined(OPDISAGG_AMX)
-  linear_amx_run<Q8_0Source>(out, input, packed, bias, "linear_amx_q8_0");
+  linear_amx_run<Q8_0Source>(out, input, packed, bias, residual, "linear_amx_q8_0");
 #else
-  linear_amx_run<int>(out, input, packed, bias, "linear_amx_q8_0");
+  linear_amx_run<int>(out, input, packed, bias, residual, "linear_amx_q8_0");
 #endif
 }
 
 void linear_amx_q4_1_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& packed,
-                         const std::optional<at::Tensor>& bias) {
-  check_linear_amx_gguf(out, input, packed, bias, "linear_amx_q4_1", kQ4StepBytesHost);
+                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
+  check_linear_amx_gguf(out, input, packed, bias, residual, "linear_amx_q4_1", kQ4StepBytesHost);
 #if defined(OPDISAGG_AMX)
-  linear_amx_run<Q4_1Source>(out, input, packed, bias, "linear_amx_q4_1");
+  linear_amx_run<Q4_1Source>(out, input, packed, bias, residual, "linear_amx_q4_1");
 #else
-  linear_amx_run<int>(out, input, packed, bias, "linear_amx_q4_1");
+  linear_amx_run<int>(out, input, packed, bias, residual, "linear_amx_q4_1");
 #endif
 }
 

@@ -110,4 +110,4 @@ class OProjOp(Op):
         x = t["attn_out"]
         if self.gated:
             x = x * torch.sigmoid(t["gate"])
-        t["residual"] = t["residual"] + self.proj(x)
+        t["residual"] = self.proj(x, residual=t["residual"])

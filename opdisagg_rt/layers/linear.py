@@ -59,14 +59,18 @@ class Linear:
                              f"{tuple(self.weight.shape)}")
         self.amx_gguf, self.amx = (run, pack(raw)), None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W^T (+ b), plus `residual` when given (the decoder's residual-stream update, added
+        by the AMX kernels as they store the rows instead of in a separate pass)."""
         rows = x.shape[0]
         if 0 < rows <= AMX_MAX_ROWS and x.dim() == 2:
             if self.amx_gguf is not None:
                 run, packed = self.amx_gguf
-                return run(x, packed, self.out_features, self.bias)
+                return run(x, packed, self.out_features, self.bias, residual=residual)
             if self.amx is not None:
-                return ops.linear_amx(x, self.amx, self.out_features, self.bias)
+                return ops.linear_amx(x, self.amx, self.out_features, self.bias, residual=residual)
         if self.packed is not None and rows > 0:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
-        return F.linear(x, self.weight, self.bias)
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return y if residual is None else residual + y

@@ -21,4 +21,4 @@ class SwiGLUMLPOp(Op):
         return {"gate_up": self.gate_up.weight, "down": self.down.weight}
 
     def forward(self, t: Tensors, batch: StepBatch) -> None:
-        t["residual"] = t["residual"] + self.down(ops.silu_and_mul(self.gate_up(t["hidden"])))
+        t["residual"] = self.down(ops.silu_and_mul(self.gate_up(t["hidden"])), residual=t["residual"])
