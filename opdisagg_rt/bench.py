@@ -43,10 +43,13 @@ def run_engine(engine, prompts: list[list[int]], output_len: int) -> dict:
     }
 
 
-def run_hf(loaded, prompts: list[list[int]], output_len: int, dtype: torch.dtype) -> dict:
-    """HF transformers `generate` on the same weights: the whole batch at once (its best case)."""
+def hf_model(loaded, dtype: torch.dtype):
     from opdisagg_rt.models.hf_reference import hf_model_from_loaded
-    model = hf_model_from_loaded(loaded, dtype)
+    return hf_model_from_loaded(loaded, dtype)
+
+
+def run_hf(model, prompts: list[list[int]], output_len: int) -> dict:
+    """HF transformers `generate` on the same weights: the whole batch at once (its best case)."""
     ids = torch.tensor(prompts)
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.inference_mode():
@@ -57,6 +60,12 @@ def run_hf(loaded, prompts: list[list[int]], output_len: int, dtype: torch.dtype
         elapsed = time.perf_counter() - start
     n_out = (out.shape[1] - ids.shape[1]) * ids.shape[0]
     return {"throughput_tok_s": n_out / elapsed, "elapsed_s": elapsed, "output_tokens": n_out}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median throughput (its latencies with it), plus every run's throughput."""
+    ranked = sorted(runs, key=lambda r: r["throughput_tok_s"])
+    return ranked[(len(ranked) - 1) // 2] | {"throughput_tok_s_runs": [r["throughput_tok_s"] for r in runs]}
 
 
 def profile_decode_step(engine, batch_size: int, context: int) -> dict[str, float]:
@@ -119,6 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cost-profile", default=None, help="disagg: calibrated CPU profile for the predicted ratio "
                     "(default: the package's analysis/data/cpu_profile.json)")
     ap.add_argument("--profile", action="store_true", help="also time each operation of one decode step")
+    ap.add_argument("--repeats", type=int, default=1, help="run the engine and its --compare hf peer this many "
+                    "times, alternating, and report each one's median run (machine drift hits both alike)")
     ap.add_argument("--layer-sweep", action="store_true", help="time one layer of each attention type against "
                     "context length instead (options: python -m opdisagg_rt.bench --layer-sweep --help)")
     ap.add_argument("--json", dest="json_path", help="write results as JSON here")
@@ -149,10 +160,20 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = random_prompts(args.num_requests, args.input_len, loaded.config.vocab_size)
     engine = Engine(loaded, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                     max_num_batched_tokens=args.max_num_batched_tokens, stage_spec=args.stage_spec)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     result = {"workload": {"num_requests": args.num_requests, "input_len": args.input_len,
                            "output_len": args.output_len, "dtype": args.dtype, "model": loaded.source,
-                           "threads": torch.get_num_threads()},
-              "engine": run_engine(engine, prompts, args.output_len), "peers": {}}
+                           "threads": torch.get_num_threads(), "repeats": args.repeats}, "peers": {}}
+    # Engine and HF alternate (engine, hf, engine, hf, ...) when repeated: a slow spell of the
+    # machine then lands on both instead of on one side of the ratio.
+    hf = hf_model(loaded, getattr(torch, args.dtype)) if "hf" in args.compare and not args.stage_spec else None
+    runs: dict[str, list[dict]] = {"engine": [], "hf": []}
+    for _ in range(args.repeats if not args.stage_spec else 1):
+        runs["engine"].append(run_engine(engine, prompts, args.output_len))
+        if hf is not None:
+            runs["hf"].append(run_hf(hf, prompts, args.output_len))
+    result["engine"] = median_run(runs["engine"])
     if args.profile:
         result["decode_step_profile_ms"] = profile_decode_step(
             engine, args.num_requests, args.input_len + args.output_len // 2)
@@ -202,8 +223,14 @@ def main(argv: list[str] | None = None) -> dict:
         # --- end disagg ---
     del engine
     if "hf" in args.compare:
-        result["peers"]["hf"] = run_hf(loaded, prompts, args.output_len, getattr(torch, args.dtype))
+        if hf is None:  # after a disaggregated run, whose workers are gone by now
+            hf = hf_model(loaded, getattr(torch, args.dtype))
+            runs["hf"].append(run_hf(hf, prompts, args.output_len))
+        result["peers"]["hf"] = median_run(runs["hf"])
         result["ratio_vs_hf"] = result["engine"]["throughput_tok_s"] / result["peers"]["hf"]["throughput_tok_s"]
+        if args.repeats > 1:  # each round's engine run against the HF run right after it
+            result["ratio_vs_hf_per_round"] = [e["throughput_tok_s"] / h["throughput_tok_s"]
+                                               for e, h in zip(runs["engine"], runs["hf"])]
     print_table(result)
     save_results(result, args.json_path, args.plot, plot)
     return result
@@ -238,8 +265,14 @@ def print_table(result: dict) -> None:
     print(f"{'system':<14}{'out tok/s':>11}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}{'TPOT p99':>10}  (ms)")
     for name, *vals in rows:
         print(f"{name:<14}" + "".join(f"{v:>10.1f}" if i else f"{v:>11.1f}" for i, v in enumerate(vals)))
+    if len(e.get("throughput_tok_s_runs", ())) > 1:
+        print("runs (out tok/s):", ", ".join(f"{name} " + " ".join(f"{v:.1f}" for v in p["throughput_tok_s_runs"])
+                                             for name, p in [("opdisagg_rt", e), *result["peers"].items()]
+                                             if "throughput_tok_s_runs" in p))
     if "ratio_vs_hf" in result:
-        print(f"engine / HF throughput: {result['ratio_vs_hf']:.2f}x")
+        per_round = result.get("ratio_vs_hf_per_round")
+        print(f"engine / HF throughput: {result['ratio_vs_hf']:.2f}x"
+              + (" (medians) | per round: " + " ".join(f"{r:.2f}x" for r in per_round) if per_round else ""))
     if "ratio_vs_colocated" in result:
         print(f"disaggregated / colocated throughput: {result['ratio_vs_colocated']:.2f}x")
     if "disagg" in result:

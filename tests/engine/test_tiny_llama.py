@@ -30,3 +30,17 @@ def test_tiny_llama_greedy_matches_hf(tiny_llama_dir):
             if tok != int(top2.indices[0]):
                 assert float(top2.values[0] - row[tok]) < 1e-4, (i, tok, top2)
         assert len(out.token_ids) == 48
+
+
+def test_bench_repeats_alternate_with_hf_and_report_medians(tiny_llama_dir, capsys):
+    from opdisagg_rt import bench
+    r = bench.main(["--model", tiny_llama_dir, "--num-requests", "3", "--input-len", "12", "--output-len", "4",
+                    "--dtype", "float32", "--compare", "hf", "--repeats", "3"])
+    eng, hf = r["engine"], r["peers"]["hf"]
+    assert len(eng["throughput_tok_s_runs"]) == len(hf["throughput_tok_s_runs"]) == 3
+    # each side reports its median run, and the ratio is of those medians
+    assert eng["throughput_tok_s"] == sorted(eng["throughput_tok_s_runs"])[1]
+    assert hf["throughput_tok_s"] == sorted(hf["throughput_tok_s_runs"])[1]
+    assert r["ratio_vs_hf"] == eng["throughput_tok_s"] / hf["throughput_tok_s"]
+    assert len(r["ratio_vs_hf_per_round"]) == 3
+    assert "per round" in capsys.readouterr().out
