@@ -40,6 +40,7 @@ def run_engine(engine, prompts: list[list[int]], output_len: int) -> dict:
         "elapsed_s": elapsed, "output_tokens": n_out,
         "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
         "tpot_ms_p50": percentile(tpot, 50), "tpot_ms_p99": percentile(tpot, 99),
+        "prefix_cache_hit_tokens": sum(o.metrics.num_cached_tokens for o in outs),
     }
 
 
@@ -169,11 +170,16 @@ def main(argv: list[str] | None = None) -> dict:
     # machine then lands on both instead of on one side of the ratio.
     hf = hf_model(loaded, getattr(torch, args.dtype)) if "hf" in args.compare and not args.stage_spec else None
     runs: dict[str, list[dict]] = {"engine": [], "hf": []}
-    for _ in range(args.repeats if not args.stage_spec else 1):
-        runs["engine"].append(run_engine(engine, prompts, args.output_len))
+    for i in range(args.repeats if not args.stage_spec else 1):
+        # fresh prompts each round (the same for both systems): no prefix-cache hits on a repeat
+        round_prompts = prompts if i == 0 else random_prompts(args.num_requests, args.input_len,
+                                                              loaded.config.vocab_size, seed=i)
+        runs["engine"].append(run_engine(engine, round_prompts, args.output_len))
         if hf is not None:
-            runs["hf"].append(run_hf(hf, prompts, args.output_len))
+            runs["hf"].append(run_hf(hf, round_prompts, args.output_len))
     result["engine"] = median_run(runs["engine"])
+    if args.repeats > 1:
+        result["runs"] = runs
     if args.profile:
         result["decode_step_profile_ms"] = profile_decode_step(
             engine, args.num_requests, args.input_len + args.output_len // 2)

@@ -34,7 +34,7 @@ def test_tiny_llama_greedy_matches_hf(tiny_llama_dir):
 
 def test_bench_repeats_alternate_with_hf_and_report_medians(tiny_llama_dir, capsys):
     from opdisagg_rt import bench
-    r = bench.main(["--model", tiny_llama_dir, "--num-requests", "3", "--input-len", "12", "--output-len", "4",
+    r = bench.main(["--model", tiny_llama_dir, "--num-requests", "3", "--input-len", "40", "--output-len", "4",
                     "--dtype", "float32", "--compare", "hf", "--repeats", "3"])
     eng, hf = r["engine"], r["peers"]["hf"]
     assert len(eng["throughput_tok_s_runs"]) == len(hf["throughput_tok_s_runs"]) == 3
@@ -43,4 +43,6 @@ def test_bench_repeats_alternate_with_hf_and_report_medians(tiny_llama_dir, caps
     assert hf["throughput_tok_s"] == sorted(hf["throughput_tok_s_runs"])[1]
     assert r["ratio_vs_hf"] == eng["throughput_tok_s"] / hf["throughput_tok_s"]
     assert len(r["ratio_vs_hf_per_round"]) == 3
+    # every round prefills its prompts: no prefix-cache hits from an earlier round's prompts
+    assert all(run["prefix_cache_hit_tokens"] == 0 for run in r["runs"]["engine"])
     assert "per round" in capsys.readouterr().out
