@@ -166,18 +166,32 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"workload": {"num_requests": args.num_requests, "input_len": args.input_len,
                            "output_len": args.output_len, "dtype": args.dtype, "model": loaded.source,
                            "threads": torch.get_num_threads(), "repeats": args.repeats}, "peers": {}}
-    # Engine and HF alternate (engine, hf, engine, hf, ...) when repeated: a slow spell of the
-    # machine then lands on both instead of on one side of the ratio.
-    hf = hf_model(loaded, getattr(torch, args.dtype)) if "hf" in args.compare and not args.stage_spec else None
-    runs: dict[str, list[dict]] = {"engine": [], "hf": []}
-    for i in range(args.repeats if not args.stage_spec else 1):
-        # fresh prompts each round (the same for both systems): no prefix-cache hits on a repeat
+    # The engine and its peers alternate (engine, peers, engine, peers, ...) when repeated: a slow
+    # spell of the machine then lands on every side of a ratio instead of on one. An idle peer
+    # costs the running one nothing (stage workers block on their rings; no engine thread polls).
+    peers: dict[str, Callable[[list[list[int]]], dict]] = {}
+    if "colocated" in args.compare and args.stage_spec:
+        colo = Engine(loaded, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                      max_num_batched_tokens=args.max_num_batched_tokens)
+        peers["colocated"] = lambda ps: run_engine(colo, ps, args.output_len)
+    if "hf" in args.compare:
+        hf = hf_model(loaded, getattr(torch, args.dtype))
+        peers["hf"] = lambda ps: run_hf(hf, ps, args.output_len)
+    runs: dict[str, list[dict]] = {"engine": []} | {name: [] for name in peers}
+    for i in range(args.repeats):
+        # fresh prompts each round (the same for every system): no prefix-cache hits on a repeat
         round_prompts = prompts if i == 0 else random_prompts(args.num_requests, args.input_len,
                                                               loaded.config.vocab_size, seed=i)
         runs["engine"].append(run_engine(engine, round_prompts, args.output_len))
-        if hf is not None:
-            runs["hf"].append(run_hf(hf, round_prompts, args.output_len))
+        for name, run in peers.items():
+            runs[name].append(run(round_prompts))
     result["engine"] = median_run(runs["engine"])
+    for name in peers:
+        result["peers"][name] = median_run(runs[name])
+        result[f"ratio_vs_{name}"] = result["engine"]["throughput_tok_s"] / result["peers"][name]["throughput_tok_s"]
+        if args.repeats > 1:  # each round's engine run against the peer's run right after it
+            result[f"ratio_vs_{name}_per_round"] = [e["throughput_tok_s"] / p["throughput_tok_s"]
+                                                    for e, p in zip(runs["engine"], runs[name])]
     if args.repeats > 1:
         result["runs"] = runs
     if args.profile:
@@ -186,29 +200,19 @@ def main(argv: list[str] | None = None) -> dict:
     if args.stage_spec:  # --- disagg (issue 6) ---
         import os
         result["workload"]["stage_spec"] = args.stage_spec
-        load = {"disagg": os.getloadavg()}
         st = engine.runner.stats(trace=True)
         from opdisagg_rt.disagg.plots import plot_timeline, trace_utilization
         if args.plot:
             plot_timeline(st, args.plot.removesuffix(".png") + "_timeline.png")
         result["disagg"] = {k: v for k, v in st.items() if k in ("per_step", "memory")}
-        result["disagg"]["busy_s"] = {k: v["busy_s"] for k, v in st["stages"].items()}
+        result["disagg"]["busy_s"] = {k: v["busy_s"] for k, v in st["stages"].items()}  # over all runs
         result["disagg"]["busy_fraction_end_of_run"] = trace_utilization(st)
         if "engine_turnaround_ms" in st:
             result["disagg"]["engine_turnaround_ms"] = st["engine_turnaround_ms"]
         print("stage busy fraction (end of run):", {k: round(v, 2) for k, v in result["disagg"]["busy_fraction_end_of_run"].items()},
               "engine turnaround per stream step: %.2f ms" % st.get("engine_turnaround_ms", float("nan")))
         engine.shutdown()
-        if "colocated" in args.compare:
-            colo = Engine(loaded, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens)
-            load["colocated"] = os.getloadavg()
-            result["peers"]["colocated"] = run_engine(colo, prompts, args.output_len)
-            result["ratio_vs_colocated"] = (result["engine"]["throughput_tok_s"]
-                                            / result["peers"]["colocated"]["throughput_tok_s"])
-            del colo
-        load["end"] = os.getloadavg()
-        result["disagg"]["loadavg_1_5_15"] = {k: [round(x, 2) for x in v] for k, v in load.items()}
+        result["disagg"]["loadavg_1_5_15_end"] = [round(x, 2) for x in os.getloadavg()]
         # what the analysis framework predicts for this spec on this machine's calibrated profile
         from opdisagg_rt.analysis.pipeline import BenchWorkload, format_prediction, model_spec_from_config, predict
         try:
@@ -227,16 +231,6 @@ def main(argv: list[str] | None = None) -> dict:
             if "measured_ratio" in pred:
                 print(f"  measured ratio {pred['measured_ratio']:.2f}x ({pred['error_pct']:+.0f}% vs predicted)")
         # --- end disagg ---
-    del engine
-    if "hf" in args.compare:
-        if hf is None:  # after a disaggregated run, whose workers are gone by now
-            hf = hf_model(loaded, getattr(torch, args.dtype))
-            runs["hf"].append(run_hf(hf, prompts, args.output_len))
-        result["peers"]["hf"] = median_run(runs["hf"])
-        result["ratio_vs_hf"] = result["engine"]["throughput_tok_s"] / result["peers"]["hf"]["throughput_tok_s"]
-        if args.repeats > 1:  # each round's engine run against the HF run right after it
-            result["ratio_vs_hf_per_round"] = [e["throughput_tok_s"] / h["throughput_tok_s"]
-                                               for e, h in zip(runs["engine"], runs["hf"])]
     print_table(result)
     save_results(result, args.json_path, args.plot, plot)
     return result
@@ -275,12 +269,11 @@ def print_table(result: dict) -> None:
         print("runs (out tok/s):", ", ".join(f"{name} " + " ".join(f"{v:.1f}" for v in p["throughput_tok_s_runs"])
                                              for name, p in [("opdisagg_rt", e), *result["peers"].items()]
                                              if "throughput_tok_s_runs" in p))
-    if "ratio_vs_hf" in result:
-        per_round = result.get("ratio_vs_hf_per_round")
-        print(f"engine / HF throughput: {result['ratio_vs_hf']:.2f}x"
-              + (" (medians) | per round: " + " ".join(f"{r:.2f}x" for r in per_round) if per_round else ""))
-    if "ratio_vs_colocated" in result:
-        print(f"disaggregated / colocated throughput: {result['ratio_vs_colocated']:.2f}x")
+    for name, label in (("hf", "engine / HF"), ("colocated", "disaggregated / colocated")):
+        if f"ratio_vs_{name}" in result:
+            per_round = result.get(f"ratio_vs_{name}_per_round")
+            print(f"{label} throughput: {result[f'ratio_vs_{name}']:.2f}x"
+                  + (" (medians) | per round: " + " ".join(f"{r:.2f}x" for r in per_round) if per_round else ""))
     if "disagg" in result:
         print("bytes per step:", {k: round(v) for k, v in result["disagg"]["per_step"].items()})
     if "decode_step_profile_ms" in result:
