@@ -77,6 +77,8 @@ class StreamScheduler:
                         pass
                     self.inflight[k] = out
                     self.order.append(k)
+                else:  # an idle stream: its next step (if any) is no turnaround of the last one
+                    self.runner.collected_at.pop(k, None)
         if not self.order:
             return SchedulerOutput([])
         k = self.current = self.order.popleft()
