@@ -15,7 +15,7 @@ run: install
 
 bench: install
 	mkdir -p bench/results
-	$(PY) -m opdisagg_rt.bench --compare hf --profile --json bench/results/default.json --plot bench/results/default.png
+	$(PY) -m opdisagg_rt.bench --compare hf --repeats 3 --profile --json bench/results/default.json --plot bench/results/default.png
 
 # KV store workloads (needs a redis-server on 127.0.0.1:6379 for the Redis tier).
 bench-kvstore: install

@@ -101,6 +101,13 @@ def plot(result: dict, path: str) -> None:
     ax.bar(names, values, color=["tab:blue"] + ["tab:gray"] * (len(names) - 1))
     for i, v in enumerate(values):
         ax.text(i, v, f"{v:.0f}", ha="center", va="bottom")
+    systems = [result["engine"]] + list(result["peers"].values())
+    for i, r in enumerate(systems):  # every run of a repeated bench; the bar is the median
+        runs = r.get("throughput_tok_s_runs", [])
+        if len(runs) > 1:
+            ax.plot([i] * len(runs), runs, "k.", label="runs (bar: median)" if i == 0 else None)
+    if any(len(r.get("throughput_tok_s_runs", [])) > 1 for r in systems):
+        ax.legend(loc="upper right", fontsize=8)
     w = result["workload"]
     ax.set_ylabel("output tokens / s")
     ax.set_title(f"{w['num_requests']} req x {w['input_len']} in / {w['output_len']} out, {w['dtype']}")
