@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cost-profile", default=None, help="disagg: calibrated CPU profile for the predicted ratio "
                     "(default: the package's analysis/data/cpu_profile.json)")
     ap.add_argument("--profile", action="store_true", help="also time each operation of one decode step")
-    ap.add_argument("--repeats", type=int, default=1, help="run the engine and its --compare hf peer this many "
-                    "times, alternating, and report each one's median run (machine drift hits both alike)")
+    ap.add_argument("--repeats", type=int, default=1, help="run the engine and its --compare peers (hf, colocated) "
+                    "this many times, alternating, each round on fresh prompts, and report each one's median run")
     ap.add_argument("--layer-sweep", action="store_true", help="time one layer of each attention type against "
                     "context length instead (options: python -m opdisagg_rt.bench --layer-sweep --help)")
     ap.add_argument("--json", dest="json_path", help="write results as JSON here")
@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--system-len", type=int, default=1024)
     ap.add_argument("--turn-len", type=int, default=64)
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.workload != "random":
         return _kvstore_main(args)
     if args.output_len is None:
@@ -168,8 +170,6 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = random_prompts(args.num_requests, args.input_len, loaded.config.vocab_size)
     engine = Engine(loaded, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                     max_num_batched_tokens=args.max_num_batched_tokens, stage_spec=args.stage_spec)
-    if args.repeats < 1:
-        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     result = {"workload": {"num_requests": args.num_requests, "input_len": args.input_len,
                            "output_len": args.output_len, "dtype": args.dtype, "model": loaded.source,
                            "threads": torch.get_num_threads(), "repeats": args.repeats}, "peers": {}}
