@@ -82,6 +82,10 @@ class Engine:
         self._streams: dict[str, RequestStream] = {}
         self._logprobs: dict[str, list[dict[int, float]]] = {}
         self._ids = itertools.count()
+        # torch's thread count is per process; each step restores this engine's own (the
+        # disaggregated runner drops the engine process to 1 when its stages take every core), so
+        # a second engine in the process (a bench peer, an embedding stack's) cannot change it.
+        self.num_threads = torch.get_num_threads()
         # The startup heap (tokenizer tables, weights' Python wrappers: ~185k objects for SmolLM2)
         # lives as long as the engine; freezing it keeps every full collection from rescanning it,
         # which cost ~10% of a decode step (measured; vLLM's engine core does the same).
@@ -175,6 +179,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One scheduler step: schedule, run the model, sample, detokenize. Returns an output
         (with the new delta) for every request that produced a token or finished."""
+        if torch.get_num_threads() != self.num_threads:
+            torch.set_num_threads(self.num_threads)
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []

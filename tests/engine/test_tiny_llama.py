@@ -46,3 +46,23 @@ def test_bench_repeats_alternate_with_hf_and_report_medians(tiny_llama_dir, caps
     # every round prefills its prompts: no prefix-cache hits from an earlier round's prompts
     assert all(run["prefix_cache_hit_tokens"] == 0 for run in r["runs"]["engine"])
     assert "per round" in capsys.readouterr().out
+
+
+def test_each_engine_runs_with_its_own_thread_count(tiny_llama_dir):
+    # torch's thread count is per process: a second engine (a bench peer) must not change the
+    # first one's (the disaggregated engine process runs with 1 thread while its stages compute).
+    import torch
+
+    from opdisagg_rt.engine import Engine
+    from opdisagg_rt.sampling import SamplingParams
+    before = torch.get_num_threads()
+    try:
+        one = Engine(tiny_llama_dir, dtype="float32", num_threads=1)
+        two = Engine(tiny_llama_dir, dtype="float32", num_threads=2)
+        params = SamplingParams(temperature=0, max_tokens=2)
+        one.generate([[5, 6, 7]], params, use_tqdm=False)
+        assert torch.get_num_threads() == 1
+        two.generate([[5, 6, 7]], params, use_tqdm=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
