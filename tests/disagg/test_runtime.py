@@ -87,6 +87,7 @@ def test_token_identical_to_colocated(smollm2, reference, name):
         for s in eng.runner.spec.stages:  # a stage holds only its own operations' weights and caches
             assert mem[s.name]["num_ops"] == len(s.ops)
             assert (mem[s.name]["kv_cache_bytes"] > 0) == any(o.endswith(".attn") for o in s.ops)
+            assert mem[s.name]["gc_frozen_objects"] > 0  # the stage's startup heap is out of the GC's way
         # zero copy: every activation a stage computed on was a view of a shared-memory slot
         recv = sum(h["recv_total"] for h in st["stages"].values())
         assert recv > 0 and sum(h["recv_inplace"] for h in st["stages"].values()) == recv
