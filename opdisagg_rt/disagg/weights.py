@@ -49,12 +49,17 @@ def op_weight_names(op: str, names: list[str]) -> list[str]:
 
 def build_ops_partial(loaded: LoadedModel, dtype: torch.dtype, max_positions: int, weights: dict,
                       keep: set[str] | None = None) -> list[Op]:
-    """Build every op; tensors missing from `weights` are placeholders: views of one never-written
-    buffer (untouched pages cost no memory). Not meta tensors: torch.cat on meta imports the
-    whole decomposition machinery (~5 s per process)."""
+    """Build every op; tensors missing from `weights` are placeholders: views of one buffer (for
+    `keep`, filled with NaN, so a kept op built from a missing tensor is caught even when it
+    holds a tensor derived from it, e.g. Gemma's 1 + w norm weights). Not meta tensors: torch.cat
+    on meta imports the whole decomposition machinery (~5 s per process)."""
     shapes = {k: v for k, v in loaded.weights.items() if k not in weights}
     big = max((v.numel() for v in shapes.values()), default=0)
     pool = {dt: torch.empty(big, dtype=dt) for dt in {v.dtype for v in shapes.values()}}
+    if keep is not None:
+        for b in pool.values():
+            if b.is_floating_point():
+                b.fill_(float("nan"))
     full = {k: weights[k] if k in weights else pool[v.dtype][:v.numel()].view(v.shape) for k, v in loaded.weights.items()}
     ops = build_model_ops(LoadedModel(loaded.config, full, loaded.tokenizer, loaded.fingerprint, loaded.source),
                           dtype, max_positions)
@@ -63,7 +68,8 @@ def build_ops_partial(loaded: LoadedModel, dtype: torch.dtype, max_positions: in
     ops = [op for op in ops if op.name in keep]
     spans = [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size()) for b in pool.values()]
     for op in ops:  # a kept op must not hold a placeholder: that would be a gap in op_weight_names
-        bad = [k for k, p in op.parameters().items() if any(lo <= p.data_ptr() < hi for lo, hi in spans)]
+        bad = [k for k, p in op.parameters().items() if any(lo <= p.data_ptr() < hi for lo, hi in spans)
+               or (p.is_floating_point() and bool(p.isnan().any()))]
         if bad:
             raise RuntimeError(f"operation {op.name!r} was built without its weights {bad}")
     return ops
