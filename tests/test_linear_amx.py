@@ -50,11 +50,12 @@ def test_linear_amx_matches_float32_matmul(m, n, k, with_bias):
 
 
 @needs_amx
-def test_linear_amx_strided_rows_and_out():
+@pytest.mark.parametrize("m", [5, 16, 32])  # 16 and 32 rows of K = 96: tile loads read x in place
+def test_linear_amx_strided_rows_and_out(m):
     w = (torch.randn(64, 96) * 0.1).bfloat16()
-    base = torch.randn(5, 200).bfloat16()
+    base = torch.randn(m, 200).bfloat16()
     x = base[:, 7:103]  # row stride 200
-    out = torch.full((5, 80), 7.0).bfloat16()[:, :64]
+    out = torch.full((m, 80), 7.0).bfloat16()[:, :64]
     ops.linear_amx(x, ops.pack_weight_amx(w), 64, out=out)
     assert_within_one_rounding(out, reference(x, w, None))
 
