@@ -34,6 +34,7 @@ from opdisagg_rt.disagg.worker import (FAILED, READY, S_PID, S_STATE, S_STEP, S_
                                        worker_main)
 from opdisagg_rt.layers.attention import AttentionOp
 from opdisagg_rt.cache.kv_cache_manager import KVCacheSpec
+from opdisagg_rt.cache.state_pool import StatePool
 from opdisagg_rt.model_runner import ModelRunner
 from opdisagg_rt.models.executor import run_ops
 from opdisagg_rt.models.loader import LoadedModel
@@ -48,23 +49,32 @@ class StageFailure(RuntimeError):
 
 
 def row_bytes(cfg, dtype: torch.dtype) -> dict[str, int]:
-    """Bytes per token row of every activation a Llama-family forward pass names."""
+    """Bytes per token row of every activation a forward pass names: Llama-family layers, gated
+    attention's `gate`, Gated DeltaNet's `qkv` / `z` / `ba` (Qwen3-Next) and Lightning attention,
+    whose k and v have all the query heads (MiniMax)."""
     e = torch.tensor([], dtype=dtype).element_size()
+    hf = cfg.hf_config or {}
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    if cfg.architecture.startswith("MiniMax"):
+        kv = max(kv, q)
+    hk, hv = int(hf.get("linear_num_key_heads") or 0), int(hf.get("linear_num_value_heads") or 0)
+    dk, dv = int(hf.get("linear_key_head_dim") or 0), int(hf.get("linear_value_head_dim") or 0)
     return {"residual": cfg.hidden_size * e, "hidden": cfg.hidden_size * e, "q": q * e, "k": kv * e, "v": kv * e,
-            "attn_out": q * e, "logits": cfg.vocab_size * 4}
+            "gate": q * e, "attn_out": max(q, hv * dv) * e, "qkv": (2 * hk * dk + hv * dv) * e,
+            "z": hv * dv * e, "ba": 2 * hv * e, "logits": cfg.vocab_size * 4}
 
 
 class DisaggRunner(ModelRunner):
     def __init__(self, loaded: LoadedModel, stage_spec: str | Path | dict, block_size: int, dtype: torch.dtype,
                  max_positions: int, max_num_batched_tokens: int = 2048, max_num_seqs: int = 64):
-        super().__init__([], block_size, dtype)
+        super().__init__([], block_size, dtype, max_num_seqs=max_num_seqs)
         self.loaded, self.max_positions = loaded, max_positions
         self.max_tokens, self.max_seqs = max_num_batched_tokens, max_num_seqs
         mops = meta_ops(loaded, dtype, max_positions)  # names, declared tensors, attention shapes
         self.sigs = [OpSig(op.name, tuple(op.reads), tuple(op.writes)) for op in mops]
         self.attn_ops = [op for op in mops if isinstance(op, AttentionOp)]
-        self.has_states = any(callable(getattr(op, "state_spec", None)) for op in mops)
+        # linear-attention layers: per-sequence states live where their `attn` operations run
+        self.state_specs = {op.name: op.state_spec() for op in mops if callable(getattr(op, "state_spec", None))}
         self.spec: StageSpec = parse_stage_spec(stage_spec, [s.name for s in self.sigs])
         self.graph = build_graph(self.sigs, self.spec.owner)
         # `streams: true`: the micro-batches are independent request streams, each with its own
@@ -75,9 +85,6 @@ class DisaggRunner(ModelRunner):
         self.inline = len(st) == 1 and st[0].host is None and st[0].device == "cpu" and not self.spec.raw.get("processes")
         if self.inline:
             self.num_streams, self.micro_batches = 1, self.spec.micro_batches
-        elif self.has_states:
-            raise NotImplementedError(f"{loaded.source}: linear-attention states (a state pool) are not placed on "
-                                      "stage workers yet; run this model colocated or with a one-stage spec")
         self.procs: list = []
         self.rings: list[ShmRing] = []
         self.segments: list[ShmSegment] = []
@@ -103,32 +110,44 @@ class DisaggRunner(ModelRunner):
     # -- set-up -------------------------------------------------------------------------------
 
     def allocate_kv_cache(self, budget_bytes: int) -> int:
-        """Same block count as the colocated engine; each stage allocates its own layers' blocks."""
-        num_blocks = budget_bytes // self.block_bytes()
+        """Same block count as the colocated engine; each stage allocates its own layers' blocks
+        (and its linear-attention layers' state slots, as many as max_num_seqs)."""
+        if self.inline:
+            return self._allocate_inline(budget_bytes)
+        state_bytes = StatePool.slot_bytes(self.state_specs) * self.max_num_seqs if self.state_specs else 0
+        if state_bytes >= budget_bytes:
+            raise ValueError(f"kv_cache_memory of {budget_bytes} bytes cannot hold the linear-attention "
+                             f"states of {self.max_num_seqs} sequences ({state_bytes} bytes)")
+        num_blocks = (budget_bytes - state_bytes) // self.block_bytes()
         if num_blocks < 2:
             raise ValueError(f"kv_cache_memory of {budget_bytes} bytes holds {num_blocks} KV blocks "
                              f"of {self.block_bytes()} bytes; need at least 2")
         self.num_blocks = num_blocks
-        if self.inline:
-            self.ops = build_model_ops(self.loaded, self.dtype, self.max_positions)
-            self.attn_ops = [op for op in self.ops if isinstance(op, AttentionOp)]
-            ModelRunner.allocate_kv_cache(self, budget_bytes)
-            st = self.spec.stages[0]
-            self.memory = {st.name: {"weights_bytes": sum(op.nbytes() for op in self.ops),
-                                     "kv_cache_bytes": num_blocks * self.block_bytes(), "num_ops": len(self.ops),
-                                     "attn_layers": len(self.attn_ops), "pid": os.getpid()}}
-        else:
-            # the engine's block manager sees every KV cache group (sliding-window blocks are freed
-            # as in the colocated engine); each stage binds its own layers' caches by the same layout
-            self.kv_spec = KVCacheSpec(self.kv_layout()[0])
-            self._start_workers()
-            # The stages are the compute; the engine process only schedules, prepares metadata and
-            # detokenizes. Its idle OpenMP threads would spin on the cores the stages run on.
-            local = sum(s.threads for s in self.spec.stages if s.host is None and s.device == "cpu")
-            if local >= (os.cpu_count() or 1) and torch.get_num_threads() > 1:
-                logger.info("stages use all %d cores: the engine process runs torch with 1 thread", os.cpu_count())
-                torch.set_num_threads(1)
+        # the engine's block manager sees every KV cache group (sliding-window blocks are freed as
+        # in the colocated engine); each stage binds its own layers' caches by the same layout.
+        # State slots are handed out here (a pool without tensors); the stages hold the states.
+        self.state_pool = StatePool({}, self.max_num_seqs) if self.state_specs else None
+        self.kv_spec = KVCacheSpec(self.kv_layout()[0], self.state_pool)
+        self._start_workers()
+        # The stages are the compute; the engine process only schedules, prepares metadata and
+        # detokenizes. Its idle OpenMP threads would spin on the cores the stages run on.
+        local = sum(s.threads for s in self.spec.stages if s.host is None and s.device == "cpu")
+        if local >= (os.cpu_count() or 1) and torch.get_num_threads() > 1:
+            logger.info("stages use all %d cores: the engine process runs torch with 1 thread", os.cpu_count())
+            torch.set_num_threads(1)
         self.loaded = None  # the workers hold the weights now
+        return num_blocks
+
+    def _allocate_inline(self, budget_bytes: int) -> int:
+        """One stage in the engine process: the colocated runner's allocation, as is."""
+        self.ops = build_model_ops(self.loaded, self.dtype, self.max_positions)
+        self.attn_ops = [op for op in self.ops if isinstance(op, AttentionOp)]
+        num_blocks = ModelRunner.allocate_kv_cache(self, budget_bytes)
+        st = self.spec.stages[0]
+        self.memory = {st.name: {"weights_bytes": sum(op.nbytes() for op in self.ops),
+                                 "kv_cache_bytes": num_blocks * self.block_bytes(), "num_ops": len(self.ops),
+                                 "attn_layers": len(self.attn_ops), "pid": os.getpid()}}
+        self.loaded = None
         return num_blocks
 
     def _start_workers(self) -> None:
@@ -191,7 +210,7 @@ class DisaggRunner(ModelRunner):
                 "weights": wdesc, "num_blocks": self.num_blocks, "block_size": self.block_size,
                 "sigs": [[s.name, list(s.reads), list(s.writes)] for s in self.sigs], "owner": spec.owner,
                 "status": status.name, "status_size": status.size,
-                "kv_layout": {name: list(gj) for name, gj in where.items()}}
+                "kv_layout": {name: list(gj) for name, gj in where.items()}, "state_slots": self.max_num_seqs}
         for s in spec.stages:
             cfg = {**base, "stage": s.name, "index": s.index, "threads": s.threads, "device": s.device, "ops": s.ops}
             if self.sample_on_stage and s.name == self.out_stage:

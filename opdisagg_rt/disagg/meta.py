@@ -32,12 +32,15 @@ def encode_batch(batch: StepBatch) -> tuple[dict, list[torch.Tensor]]:
     if batch.group_slot_mappings is not None:
         header["num_groups"] = len(batch.group_slot_mappings)
         tensors += [*batch.group_slot_mappings, *batch.group_block_tables]
+    if batch.state_indices is not None:  # linear-attention layers: each request's state slot
+        header["states"] = 1
+        tensors.append(batch.state_indices)
     return header, tensors
 
 
 def num_meta_tensors(header: dict) -> int:
     """How many of a step message's tensors are metadata (the rest: the sampling entry)."""
-    return len(_TENSORS) + 2 * header.get("num_groups", 0)
+    return len(_TENSORS) + 2 * header.get("num_groups", 0) + header.get("states", 0)
 
 
 def decode_batch(header: dict, tensors: Sequence[torch.Tensor]) -> StepBatch:
@@ -48,6 +51,8 @@ def decode_batch(header: dict, tensors: Sequence[torch.Tensor]) -> StepBatch:
         extra = tensors[len(_TENSORS):len(_TENSORS) + 2 * g]
         batch.group_slot_mappings, batch.group_block_tables = list(extra[:g]), list(extra[g:])
         batch.group_memos = [batch.memo] + [{} for _ in range(g - 1)]
+    if header.get("states"):
+        batch.state_indices = tensors[len(_TENSORS) + 2 * g]
     return batch
 
 

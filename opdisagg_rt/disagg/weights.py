@@ -23,13 +23,18 @@ from opdisagg_rt.models.registry import build_model_ops
 # `post_attention_layernorm` is Llama's pre-MLP norm but Gemma-3's post-attention norm (applied in
 # o_proj, with `pre_feedforward_layernorm` before the MLP and `post_feedforward_layernorm` in it):
 # both ops list it, a stage may import one small vector it does not use.
+# Linear-attention layers: Qwen3-Next's Gated DeltaNet (`linear_attn.*`) and MiniMax's Lightning
+# attention (`self_attn.qkv_proj`, `output_gate`, `norm`, `out_proj`, `slope_rate`).
 _LAYER_WEIGHTS = {"attn_norm": ("input_layernorm.",),
                   "qkv_proj": ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.",
-                               "self_attn.q_norm.", "self_attn.k_norm."),
-                  "o_proj": ("self_attn.o_proj.", "post_attention_layernorm."),
+                               "self_attn.q_norm.", "self_attn.k_norm.", "self_attn.qkv_proj.",
+                               "self_attn.output_gate.", "linear_attn.in_proj_"),
+                  "o_proj": ("self_attn.o_proj.", "post_attention_layernorm.", "self_attn.out_proj.",
+                             "self_attn.norm.", "linear_attn.out_proj."),
                   "mlp_norm": ("post_attention_layernorm.", "pre_feedforward_layernorm."),
                   "mlp": ("mlp.", "post_feedforward_layernorm."), "moe": ("mlp.", "block_sparse_moe."),
-                  "attn": ("self_attn.sinks",)}
+                  "attn": ("self_attn.sinks", "self_attn.slope_rate", "linear_attn.conv1d.", "linear_attn.A_log",
+                           "linear_attn.dt_bias", "linear_attn.norm.")}
 
 
 def op_weight_names(op: str, names: list[str]) -> list[str]:

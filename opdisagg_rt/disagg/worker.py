@@ -19,6 +19,7 @@ from collections import deque
 
 import torch
 
+from opdisagg_rt.cache.state_pool import StatePool
 from opdisagg_rt.config import ModelConfig
 from opdisagg_rt.disagg.graph import DRIVER, OpSig, StageGraph, build_graph
 from opdisagg_rt.disagg.meta import decode_batch, num_meta_tensors
@@ -62,8 +63,9 @@ class Status:
 class StageProgram:
     """The visits of one stage and how to run them for one step."""
 
-    def __init__(self, name: str, ops: list[Op], graph: StageGraph):
+    def __init__(self, name: str, ops: list[Op], graph: StageGraph, state_pool: StatePool | None = None):
         self.name = name
+        self.state_pool = state_pool  # this stage's linear-attention states, if it runs such layers
         # Streams run one thread each; the stage computes one unit at a time (as many cores as its
         # `threads`, like a device), so a unit waits while another stream's unit computes.
         self.compute = threading.Lock()
@@ -77,6 +79,19 @@ class StageProgram:
         self.busy_s = 0.0
         self.trace: deque[tuple[float, float, int, int]] = deque(maxlen=1500)  # (start, end, mb, visit)
 
+    def reset_fresh_states(self, batch) -> None:
+        """Zero the state slot of every request whose chunk starts at token 0: a slot the engine
+        has just handed out (a new request, or one preempted and recomputed from the start), as the
+        colocated engine zeroes a slot when it hands it out."""
+        if batch.state_indices is None:
+            return
+        starts = batch.query_start_loc[:-1]
+        has_rows = torch.tensor(batch.query_lens_list) > 0
+        first = torch.zeros_like(starts)
+        first[has_rows] = batch.positions[starts[has_rows]]
+        for idx in batch.state_indices[has_rows & (first == 0) & (batch.state_indices >= 0)].tolist():
+            self.state_pool.reset(idx)
+
     def run(self, batches, inputs, outputs, poll, status: Status | None = None, contains=None,
             stream: int = 0, sampler=None, samples=None) -> None:
         """inputs/outputs: endpoints by peer stage name (DRIVER for the logits). sampler (the
@@ -87,6 +102,10 @@ class StageProgram:
         tensors = [dict() for _ in batches]
         unit = 0
         lock, trace, bytes_sent = self.compute, self.trace, self.bytes_sent
+        if self.state_pool is not None:
+            with lock:
+                for batch in batches:
+                    self.reset_fresh_states(batch)
         for index, ops, recv, send, keep, to_driver in self.plan:
             if to_driver and sampler is None:
                 to_driver = False
@@ -163,11 +182,17 @@ def build_stage(cfg: dict) -> tuple[list[Op], StageProgram, dict]:
                 kv_bytes += 2 * caches[j][0].numel() * caches[j][0].element_size()
             op.bind_cache(*caches[j])
             op.kv_group = g
+    states = {op.name: op.state_spec() for op in ops if callable(getattr(op, "state_spec", None))}
+    pool = StatePool(states, cfg["state_slots"]) if states else None
+    for op in ops if pool is not None else ():
+        if op.name in states:
+            op.bind_state(pool.conv[op.name], pool.recurrent[op.name])
     sigs = [OpSig(n, tuple(r), tuple(w)) for n, r, w in cfg["sigs"]]
     graph = build_graph(sigs, cfg["owner"])
     memory = {"weights_bytes": sum(op.nbytes() for op in ops), "kv_cache_bytes": kv_bytes,
+              "state_bytes": StatePool.slot_bytes(states) * cfg["state_slots"] if states else 0,
               "num_ops": len(ops), "attn_layers": sum(isinstance(op, AttentionOp) for op in ops)}
-    return ops, StageProgram(cfg["stage"], ops, graph), memory
+    return ops, StageProgram(cfg["stage"], ops, graph, pool), memory
 
 
 def worker_main(cfg_json: str, endpoints: dict) -> None:

@@ -162,7 +162,7 @@ LAYER_TYPES = ["linear_attention", "full_attention", "linear_attention", "full_a
 
 
 def _tokenizer(out: str) -> int:
-    from tiny_hf import plain_bpe_tokenizer
+    from tests.models.tiny_hf import plain_bpe_tokenizer
     return plain_bpe_tokenizer(out)
 
 
@@ -211,17 +211,17 @@ def _params(steps: int = 32):
 
 
 def _check_greedy(hf, prompts, outs, steps: int = 32) -> None:
-    from tiny_hf import check_greedy
+    from tests.models.tiny_hf import check_greedy
     check_greedy(hf, prompts, outs, steps, MIN_MARGIN)
 
 
 def _same(a, b, tol: float = 1e-4) -> None:
-    from tiny_hf import same_outputs
+    from tests.models.tiny_hf import same_outputs
     same_outputs(a, b, tol)
 
 
 def _run_prefill(ops, ids: list[int], dtype=torch.float32) -> torch.Tensor:
-    from tiny_hf import run_prefill
+    from tests.models.tiny_hf import run_prefill
     return run_prefill(ops, ids, 8, dtype)
 
 
@@ -295,6 +295,6 @@ def test_bad_layer_types_are_rejected(minimax):
 
 
 def test_bench_runs_on_the_tiny_checkpoint(minimax):
-    from tiny_hf import check_bench_runs
+    from tests.models.tiny_hf import check_bench_runs
     path, _ = minimax
     check_bench_runs(path)

@@ -159,7 +159,7 @@ FAMILIES = {
 
 
 def _tokenizer(out: str) -> int:
-    from tiny_hf import plain_bpe_tokenizer
+    from tests.models.tiny_hf import plain_bpe_tokenizer
     return plain_bpe_tokenizer(out)
 
 
@@ -200,7 +200,7 @@ def _engine(path: str, **kw):
 
 
 def _run_prefill(ops, ids: list[int], block_size: int = 8, dtype=torch.float32) -> torch.Tensor:
-    from tiny_hf import run_prefill
+    from tests.models.tiny_hf import run_prefill
     return run_prefill(ops, ids, block_size, dtype)
 
 
@@ -268,6 +268,6 @@ def test_family_greedy_alone_batched_and_chunked(family):
 
 
 def test_bench_runs_on_the_tiny_checkpoint(family):
-    from tiny_hf import check_bench_runs
+    from tests.models.tiny_hf import check_bench_runs
     _, path, _ = family
     check_bench_runs(path)

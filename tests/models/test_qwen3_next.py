@@ -252,17 +252,17 @@ def _params():
 
 
 def run_prefill(ops, ids: list[int], block_size: int = 8, dtype=torch.float32) -> torch.Tensor:
-    from tiny_hf import run_prefill as run
+    from tests.models.tiny_hf import run_prefill as run
     return run(ops, ids, block_size, dtype)
 
 
 def check_greedy(hf, prompts, outs, steps=STEPS):
-    from tiny_hf import check_greedy as check
+    from tests.models.tiny_hf import check_greedy as check
     check(hf, prompts, outs, steps, MIN_MARGIN)
 
 
 def same(a, b, tol: float = 1e-4):
-    from tiny_hf import same_outputs
+    from tests.models.tiny_hf import same_outputs
     same_outputs(a, b, tol)
 
 
@@ -338,6 +338,6 @@ def test_bad_config_is_rejected(qwen3_next):
 
 
 def test_bench_runs_on_the_tiny_checkpoint(qwen3_next):
-    from tiny_hf import check_bench_runs
+    from tests.models.tiny_hf import check_bench_runs
     path, _ = qwen3_next
     check_bench_runs(path)

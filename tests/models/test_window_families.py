@@ -235,5 +235,5 @@ def test_prefix_cache_hits_with_windows_match_recompute(family, request):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bench_runs_on_the_tiny_checkpoint(family, request):
-    from tiny_hf import check_bench_runs
+    from tests.models.tiny_hf import check_bench_runs
     check_bench_runs(request.getfixturevalue(family))
