@@ -354,7 +354,7 @@ void linear_amx_run(at::Tensor& out, const at::Tensor& input, const at::Tensor& 
   const int64_t Mp = (M + kTileRows - 1) / kTileRows * kTileRows, Kp = Kb * kStepK;
   // Tile loads read whole 16 x 32 blocks of the input: in place when its rows fill them (a decode
   // batch of 16, 32, ... rows; K a multiple of 32), else from a zero-padded copy (allocating and
-  // filling it cost 9-29 us a call, ~1.7 ms of a 32-row decode step).
+  // filling it cost 9-29 us a call on SmolLM2's shapes, measured).
   const bool in_place = M == Mp && K == Kp && input.stride(1) == 1;
   at::Tensor a = input;
   if (!in_place) {

@@ -69,7 +69,7 @@ class DisaggRunner(ModelRunner):
                  max_positions: int, max_num_batched_tokens: int = 2048, max_num_seqs: int = 64):
         super().__init__([], block_size, dtype, max_num_seqs=max_num_seqs)
         self.loaded, self.max_positions = loaded, max_positions
-        self.max_tokens, self.max_seqs = max_num_batched_tokens, max_num_seqs
+        self.max_tokens = max_num_batched_tokens
         mops = meta_ops(loaded, dtype, max_positions)  # names, declared tensors, attention shapes
         self.sigs = [OpSig(op.name, tuple(op.reads), tuple(op.writes)) for op in mops]
         self.attn_ops = [op for op in mops if isinstance(op, AttentionOp)]
@@ -167,13 +167,13 @@ class DisaggRunner(ModelRunner):
         self.segments.append(status)
         self.status = status
         groups, where, _ = self.kv_layout()
-        per_group = 8 * (self.max_tokens + self.max_seqs * (self.max_positions // self.block_size + 2))
-        meta_slot = 8 * (4 * self.max_tokens + 4 * self.max_seqs + 8) + per_group + 64 * self.max_seqs + 65536
+        per_group = 8 * (self.max_tokens + self.max_num_seqs * (self.max_positions // self.block_size + 2))
+        meta_slot = 8 * (4 * self.max_tokens + 4 * self.max_num_seqs + 8) + per_group + 64 * self.max_num_seqs + 65536
         if len(groups) > 1:  # every group's slot mapping and block tables travel too
             meta_slot += len(groups) * per_group
         S = self.num_streams
         # sampling on the stage: rows with penalties / min_tokens carry their token ids
-        hist_bytes = 8 * self.max_seqs * self.max_positions if self.sample_on_stage else 0
+        hist_bytes = 8 * self.max_num_seqs * self.max_positions if self.sample_on_stage else 0
         if spec.transport == "dist":
             world = len(spec.stages) + 1
             ranks = {DRIVER: 0, **{s.name: s.index + 1 for s in spec.stages}}
@@ -196,7 +196,7 @@ class DisaggRunner(ModelRunner):
                     r = ShmRing.spec(n, self.max_tokens * width + 4096, ctx)
                     eps[src]["streams"][k]["outputs"][dst] = eps[dst]["streams"][k]["inputs"][src] = r
                 for s in spec.stages:
-                    out = rows["logits"] * self.max_seqs if any(msg.src == s.name for msg in graph.messages()
+                    out = rows["logits"] * self.max_num_seqs if any(msg.src == s.name for msg in graph.messages()
                                                                    if msg.dst == DRIVER) else 0
                     extra = hist_bytes if s.name == self.out_stage else 0
                     eps[s.name]["streams"][k]["ctrl"] = ShmRing.spec(m + 1, meta_slot + extra, ctx)

@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.models.test_minimax import minimax  # noqa: F401 - fixture
-from tests.models.test_qwen3_next import _engine, _params, _prompts, qwen3_next  # noqa: F401 - fixture
-
-# 3 state slots and 14 KV blocks: the three prompts need 5 + 7 + 13 blocks (as test_qwen3_next)
-STATE_SLOT = 2 * ((2 * 2 * 16 + 4 * 8) * 3 + 4 * 16 * 8) * 4
-KV_BLOCK = 2 * 2 * 8 * 2 * 16 * 4
-SMALL = dict(kv_cache_memory=3 * STATE_SLOT + 14 * KV_BLOCK, max_num_seqs=3)
+from tests.models.test_minimax import _engine as minimax_engine, _params as minimax_params
+from tests.models.test_minimax import _prompts as minimax_prompts, minimax  # noqa: F401 - fixture
+from tests.models.test_qwen3_next import SMALL, STATE_SLOT, _engine, _params, _prompts, qwen3_next  # noqa: F401
 
 SPECS = {
     # every attention layer (linear and full) on one stage, the rest on the other: 2 visits per layer
@@ -58,7 +54,6 @@ def test_linear_attention_states_on_stages_match_colocated(qwen3_next, name):
 
 def test_lightning_attention_states_on_stages_match_colocated(minimax):
     # MiniMax: Lightning (linear) and softmax layers, its attention ops on one stage
-    from tests.models.test_minimax import _engine as minimax_engine, _params as minimax_params, _prompts as minimax_prompts
     path, _ = minimax
     colocated = minimax_engine(path)
     prompts = minimax_prompts(colocated.model_config.vocab_size)

@@ -20,7 +20,6 @@ Tolerances:
 from __future__ import annotations
 
 import copy
-import logging
 import os
 import subprocess
 import sys
@@ -37,7 +36,6 @@ transformers = pytest.importorskip("transformers")
 
 H, D = 3, 8
 SLOPE = torch.tensor([0.5, 0.0625, 0.004])  # fast, medium and slow decays
-MIN_MARGIN = 1e-3
 BLOCK = 16  # MiniMax's lightning block_size in the tiny checkpoint
 INIT, SEED = 0.1, 1  # min top-1/top-2 margin along the compared trajectories: 6e-3
 
@@ -210,16 +208,6 @@ def _params(steps: int = 32):
     return SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True, logprobs=0)
 
 
-def _check_greedy(hf, prompts, outs, steps: int = 32) -> None:
-    from tests.models.tiny_hf import check_greedy
-    check_greedy(hf, prompts, outs, steps, MIN_MARGIN)
-
-
-def _same(a, b, tol: float = 1e-4) -> None:
-    from tests.models.tiny_hf import same_outputs
-    same_outputs(a, b, tol)
-
-
 def _run_prefill(ops, ids: list[int], dtype=torch.float32) -> torch.Tensor:
     from tests.models.tiny_hf import run_prefill
     return run_prefill(ops, ids, 8, dtype)
@@ -255,34 +243,18 @@ def test_ops_and_prefill_logits_match_transformers(minimax):
     assert float(err.max()) < 1.0, err
 
 
+# preemption: three state slots (2 lightning layers x [4, 16, 16] float32 each) and 14 KV blocks
+# (2 full-attention layers x K, V x [8, 2, 16] float32) for the 5 + 7 + 9 blocks the prompts need
+STATE_SLOT, KV_BLOCK = 2 * 4 * 16 * 16 * 4, 2 * 2 * 8 * 2 * 16 * 4
+SMALL = dict(kv_cache_memory=3 * STATE_SLOT + 14 * KV_BLOCK, max_num_seqs=3)
+
+
 def test_greedy_alone_batched_chunked_and_preempted(minimax, caplog):
+    from tests.models.tiny_hf import check_state_model_engine
     path, hf = minimax
-    with caplog.at_level(logging.WARNING):
-        engine = _engine(path)
-    # prefix caching is off for the model, with a logged reason
-    assert not engine.kv.enable_prefix_caching and "linear-attention" in engine.kv.prefix_caching_disabled_reason
-    assert "prefix caching disabled" in caplog.text
-    prompts = _prompts(engine.model_config.vocab_size)
-    alone = [engine.generate([p], _params(), use_tqdm=False)[0] for p in prompts]
-    _check_greedy(hf, prompts, alone)
-    batched = engine.generate(prompts, _params(), use_tqdm=False)
-    _same(batched, alone)
-    # a repeated prompt (which a prefix cache would hit) still gives the same tokens
-    again = engine.generate([prompts[2], prompts[2]], _params(), use_tqdm=False)
-    _same(again, [alone[2], alone[2]])
-    assert engine.kv.state_pool.num_free == engine.kv.state_pool.num_slots  # every slot returned
-    del engine
-    # chunked prefill: 7-token chunks cut the 16-token lightning blocks anywhere
-    chunked = _engine(path, max_num_batched_tokens=7)
-    _same(chunked.generate(prompts, _params(), use_tqdm=False), alone)
-    del chunked
-    # preemption: three state slots (2 lightning layers x [4, 16, 16] float32 each) and 14 KV
-    # blocks (2 full-attention layers x K, V x [8, 2, 16] float32) for the 5 + 7 + 9 blocks needed
-    state_slot, kv_block = 2 * 4 * 16 * 16 * 4, 2 * 2 * 8 * 2 * 16 * 4
-    small = _engine(path, kv_cache_memory=3 * state_slot + 14 * kv_block, max_num_seqs=3)
-    assert small.runner.num_blocks == 14
-    _same(small.generate(prompts, _params(), use_tqdm=False), alone)
-    assert small.scheduler.num_preemptions > 0
+    # 7-token chunks cut the 16-token lightning blocks anywhere
+    check_state_model_engine(lambda **kw: _engine(path, **kw), hf, _prompts(hf.config.vocab_size), _params(),
+                             caplog, chunk_tokens=7, small_kw=SMALL)
 
 
 def test_bad_layer_types_are_rejected(minimax):

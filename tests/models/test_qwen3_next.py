@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import logging
 
 import pytest
 import torch
@@ -292,33 +291,19 @@ def test_prefill_logits_match_transformers(qwen3_next):
     assert err <= 1.5 * hf_err + 0.02, (err, hf_err)
 
 
+# preemption: 3 state slots and 14 KV blocks for the 5 + 7 + 13 blocks the prompts need;
+# a slot: 2 GDN layers x (conv [2*2*16 + 4*8, 3] + recurrent [4, 16, 8]) float32
+STATE_SLOT = 2 * ((2 * 2 * 16 + 4 * 8) * 3 + 4 * 16 * 8) * 4
+KV_BLOCK = 2 * 2 * 8 * 2 * 16 * 4
+SMALL = dict(kv_cache_memory=3 * STATE_SLOT + 14 * KV_BLOCK, max_num_seqs=3)
+
+
 def test_greedy_alone_batched_chunked_and_preempted(qwen3_next, caplog):
+    from tests.models.tiny_hf import check_state_model_engine
     path, hf = qwen3_next
-    with caplog.at_level(logging.WARNING):
-        engine = _engine(path)
-    assert not engine.kv.enable_prefix_caching and "linear-attention" in engine.kv.prefix_caching_disabled_reason
-    assert "prefix caching disabled" in caplog.text
-    prompts = _prompts(engine.model_config.vocab_size)
-    alone = [engine.generate([p], _params(), use_tqdm=False)[0] for p in prompts]
-    check_greedy(hf, prompts, alone)
-    batched = engine.generate(prompts, _params(), use_tqdm=False)
-    same(batched, alone)
-    again = engine.generate([prompts[2], prompts[2]], _params(), use_tqdm=False)  # a would-be prefix hit
-    same(again, [alone[2], alone[2]])
-    assert engine.kv.state_pool.num_free == engine.kv.state_pool.num_slots
-    del engine
-    # chunked prefill: 13-token chunks cut prompts (and the 64-token GDN chunks) anywhere
-    chunked = _engine(path, max_num_batched_tokens=13)
-    same(chunked.generate(prompts, _params(), use_tqdm=False), alone)
-    del chunked
-    # preemption: 3 state slots and 14 KV blocks for the 5 + 7 + 13 blocks the prompts need
-    # a slot: 2 GDN layers x (conv [2*2*16 + 4*8, 3] + recurrent [4, 16, 8]) float32
-    state_slot = 2 * ((2 * 2 * 16 + 4 * 8) * 3 + 4 * 16 * 8) * 4
-    kv_block = 2 * 2 * 8 * 2 * 16 * 4
-    small = _engine(path, kv_cache_memory=3 * state_slot + 14 * kv_block, max_num_seqs=3)
-    assert small.runner.num_blocks == 14
-    same(small.generate(prompts, _params(), use_tqdm=False), alone)
-    assert small.scheduler.num_preemptions > 0
+    # 13-token chunks cut prompts (and the 64-token GDN chunks) anywhere
+    check_state_model_engine(lambda **kw: _engine(path, **kw), hf, _prompts(hf.config.vocab_size), _params(),
+                             caplog, chunk_tokens=13, small_kw=SMALL)
 
 
 def test_bad_config_is_rejected(qwen3_next):

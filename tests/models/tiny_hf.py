@@ -75,3 +75,30 @@ def same_outputs(a, b, tol: float = 1e-4) -> None:
         lx = [lp[t] for lp, t in zip(x.logprobs, x.token_ids)]
         ly = [lp[t] for lp, t in zip(y.logprobs, y.token_ids)]
         assert max(abs(p - q) for p, q in zip(lx, ly)) < tol
+
+
+def check_state_model_engine(make_engine, hf, prompts, params, caplog, chunk_tokens: int, small_kw: dict) -> None:
+    """The engine checks of a linear-attention family (MiniMax, Qwen3-Next): prefix caching off
+    with a logged reason; greedy tokens alone are transformers'; batched, a repeated prompt (a
+    would-be prefix hit), chunked prefill (`chunk_tokens` per step, cutting the layers' chunks
+    anywhere) and a run forced into preemption (`small_kw`: 3 state slots and 14 KV blocks, fewer
+    than the prompts need) give the same tokens; every state slot is returned."""
+    import logging
+    with caplog.at_level(logging.WARNING):
+        engine = make_engine()
+    assert not engine.kv.enable_prefix_caching and "linear-attention" in engine.kv.prefix_caching_disabled_reason
+    assert "prefix caching disabled" in caplog.text
+    alone = [engine.generate([p], params, use_tqdm=False)[0] for p in prompts]
+    check_greedy(hf, prompts, alone, params.max_tokens)
+    same_outputs(engine.generate(prompts, params, use_tqdm=False), alone)
+    again = engine.generate([prompts[2], prompts[2]], params, use_tqdm=False)
+    same_outputs(again, [alone[2], alone[2]])
+    assert engine.kv.state_pool.num_free == engine.kv.state_pool.num_slots
+    del engine
+    chunked = make_engine(max_num_batched_tokens=chunk_tokens)
+    same_outputs(chunked.generate(prompts, params, use_tqdm=False), alone)
+    del chunked
+    small = make_engine(**small_kw)
+    assert small.runner.num_blocks == 14
+    same_outputs(small.generate(prompts, params, use_tqdm=False), alone)
+    assert small.scheduler.num_preemptions > 0
