@@ -23,11 +23,12 @@ class StreamScheduler:
         self.scheds = [base] + [Scheduler(base.kv, base.max_num_seqs, base.max_num_batched_tokens,
                                           base.max_model_len, connector=getattr(base, "connector", None))
                                 for _ in range(n - 1)]
-        for s in self.scheds:  # the same number of sequences (and tokens) per round as one scheduler's step
-            s.max_num_seqs = max(1, base.max_num_seqs // n)
-            # a long prefill is chunked per stream, so the streams' prefill chunks pipeline through the
-            # stages instead of one stream's whole prefill holding the first stage while the last idles
-            s.max_num_batched_tokens = max(1, base.max_num_batched_tokens // n)
+        # the same number of sequences (and tokens) per round as one scheduler's step; a long prefill
+        # is chunked per stream, so the streams' prefill chunks pipeline through the stages instead
+        # of one stream's whole prefill holding the first stage while the last idles
+        seqs, tokens = max(1, base.max_num_seqs // n), max(1, base.max_num_batched_tokens // n)
+        for s in self.scheds:  # (read from base once: base is one of them)
+            s.max_num_seqs, s.max_num_batched_tokens = seqs, tokens
         self.kv, self.connector = base.kv, getattr(base, "connector", None)
         self.inflight: list[SchedulerOutput | None] = [None] * n
         self.order: deque[int] = deque()  # streams in flight, oldest first
@@ -46,7 +47,10 @@ class StreamScheduler:
         min(self.scheds, key=lambda s: len(s.requests)).add_request(req)  # balance the streams
 
     def has_unfinished(self) -> bool:
-        return any(s.has_unfinished() for s in self.scheds) or bool(self.order)
+        if any(s.has_unfinished() for s in self.scheds) or self.order:
+            return True
+        self.runner.collected_at.clear()  # the engine goes idle: its next steps are no turnarounds
+        return False
 
     def _owner(self, req) -> Scheduler:
         return next((s for s in self.scheds if req.request_id in s.requests), self.scheds[self.current])
@@ -58,6 +62,7 @@ class StreamScheduler:
             self.deferred.append((req, status))
             return
         self._owner(req).finish(req, status)
+        self.has_unfinished()  # the last one: the engine goes idle
 
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]):
         return self.scheds[self.current].update_from_output(out, sampled)
