@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 
-def plot_timeline(stats: dict, path: str, last_s: float = 1.0) -> None:
-    """A `last_s` window from the middle of the traced units (steady state, not the tail)."""
+def plot_timeline(stats: dict, path: str, last_s: float = 1.0, window: tuple[float, float] | None = None) -> None:
+    """A `last_s` window from the middle of `window` (a run's perf_counter span; default: of the
+    traced units): steady state, not the tail."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     stages = {k: v["trace"] for k, v in stats["stages"].items() if v.get("trace")}
-    times = sorted(u[0] for tr in stages.values() for u in tr)
-    start = times[len(times) // 2] - last_s / 2
+    if window is None:
+        times = sorted(u[0] for tr in stages.values() for u in tr)
+        start = times[len(times) // 2] - last_s / 2
+    else:
+        start = (window[0] + window[1]) / 2 - last_s / 2
     end = start + last_s
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
     fig, ax = plt.subplots(figsize=(10, 1 + 0.6 * len(stages)))
@@ -25,14 +29,15 @@ def plot_timeline(stats: dict, path: str, last_s: float = 1.0) -> None:
     fig.savefig(path, dpi=120)
 
 
-def trace_utilization(stats: dict) -> dict[str, float]:
-    """Busy fraction of each stage over the window every stage's trace covers (steady state at the
-    end of a run: the traces keep each stage's last units)."""
+def trace_utilization(stats: dict, window: tuple[float, float] | None = None) -> dict[str, float]:
+    """Busy fraction of each stage over `window` (a run's perf_counter span), by default over the
+    span every stage's trace covers (the traces keep each stage's last units, which may span
+    several runs and the idle time between them)."""
     stages = {k: v["trace"] for k, v in stats["stages"].items() if v.get("trace")}
     if not stages:
         return {}
-    start = max(tr[0][0] for tr in stages.values())
-    end = min(tr[-1][1] for tr in stages.values())
+    start = max(tr[0][0] for tr in stages.values()) if window is None else window[0]
+    end = min(tr[-1][1] for tr in stages.values()) if window is None else window[1]
     if end <= start:
         return {}
     return {name: sum(max(0.0, min(u[1], end) - max(u[0], start)) for u in tr) / (end - start)

@@ -23,3 +23,13 @@ def test_bench_stage_spec_against_colocated_repeats(tiny_llama_dir, tmp_path, ca
     assert len(r["ratio_vs_colocated_per_round"]) == 2
     assert set(r["disagg"]["busy_s"]) == {"s0", "s1"} and out.exists()
     assert "disaggregated / colocated throughput" in capsys.readouterr().out
+    assert all(0 < f <= 1 for f in r["disagg"]["busy_fraction_last_run"].values())
+    assert set(r["disagg"]["busy_fraction_last_run"]) == {"s0", "s1"}
+
+
+def test_busy_fraction_of_the_last_run_leaves_out_the_time_between_runs():
+    from opdisagg_rt.disagg.plots import trace_utilization
+    # two runs of one stage, busy throughout each, 10 s apart (a colocated peer ran in between)
+    stats = {"stages": {"s0": {"trace": [[0.0, 1.0, 0, 0], [1.0, 2.0, 1, 0], [12.0, 13.0, 0, 0], [13.0, 14.0, 1, 0]]}}}
+    assert trace_utilization(stats, (12.0, 14.0)) == {"s0": 1.0}
+    assert trace_utilization(stats)["s0"] < 0.3  # the traced span counts the gap as idle
