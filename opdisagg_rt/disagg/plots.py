@@ -30,14 +30,16 @@ def plot_timeline(stats: dict, path: str, last_s: float = 1.0, window: tuple[flo
 
 
 def trace_utilization(stats: dict, window: tuple[float, float] | None = None) -> dict[str, float]:
-    """Busy fraction of each stage over `window` (a run's perf_counter span), by default over the
-    span every stage's trace covers (the traces keep each stage's last units, which may span
-    several runs and the idle time between them)."""
+    """Busy fraction of each stage over `window` (a run's perf_counter span; its traced part), by
+    default over the span every stage's trace covers (the traces keep each stage's last units,
+    which may span several runs and the idle time between them)."""
     stages = {k: v["trace"] for k, v in stats["stages"].items() if v.get("trace")}
     if not stages:
         return {}
-    start = max(tr[0][0] for tr in stages.values()) if window is None else window[0]
-    end = min(tr[-1][1] for tr in stages.values()) if window is None else window[1]
+    start = max(tr[0][0] for tr in stages.values())
+    end = min(tr[-1][1] for tr in stages.values())
+    if window is not None:  # from where every trace covers it: a long run outlasts the traces' length
+        start, end = max(start, window[0]), window[1]
     if end <= start:
         return {}
     return {name: sum(max(0.0, min(u[1], end) - max(u[0], start)) for u in tr) / (end - start)

@@ -33,3 +33,7 @@ def test_busy_fraction_of_the_last_run_leaves_out_the_time_between_runs():
     stats = {"stages": {"s0": {"trace": [[0.0, 1.0, 0, 0], [1.0, 2.0, 1, 0], [12.0, 13.0, 0, 0], [13.0, 14.0, 1, 0]]}}}
     assert trace_utilization(stats, (12.0, 14.0)) == {"s0": 1.0}
     assert trace_utilization(stats)["s0"] < 0.3  # the traced span counts the gap as idle
+    # a run longer than the trace (which kept its last units only): only its traced part counts
+    tail = {"stages": {"s0": {"trace": stats["stages"]["s0"]["trace"][2:]}}}
+    assert trace_utilization(tail, (5.0, 14.0)) == {"s0": 1.0}
+    assert trace_utilization(stats, (12.0, 16.0)) == {"s0": 0.5}  # idle after the last unit
