@@ -90,7 +90,10 @@ class ModelRunner:
 
     @property
     def num_groups(self) -> int:
-        return len(self.kv_layout()[0])
+        n = self.__dict__.get("_num_groups")  # the ops, hence the layout, are fixed once built
+        if n is None:
+            n = self._num_groups = len(self.kv_layout()[0])
+        return n
 
     def block_bytes(self) -> int:
         """Bytes of one KV block id (K and V of every attention layer that can use it)."""
@@ -153,6 +156,8 @@ class ModelRunner:
             num_prompt = r.num_prompt_tokens
             if start + n <= num_prompt:
                 tokens.extend(r.prompt_token_ids[start:start + n])
+            elif start >= num_prompt:  # a decode: no copy of the whole history
+                tokens.extend(r.output_token_ids[start - num_prompt:start - num_prompt + n])
             else:
                 tokens.extend(r.all_token_ids[start:start + n])
             starts.append(start)
