@@ -14,6 +14,7 @@ forward reads `batch.slot_mapping` / `batch.block_tables` as before.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -88,12 +89,9 @@ class ModelRunner:
                 groups.append(KVGroupSpec(tuple(op.name for op in chunk), w))
         return groups, where, (size if shared else pair)
 
-    @property
-    def num_groups(self) -> int:
-        n = self.__dict__.get("_num_groups")  # the ops, hence the layout, are fixed once built
-        if n is None:
-            n = self._num_groups = len(self.kv_layout()[0])
-        return n
+    @functools.cached_property
+    def num_groups(self) -> int:  # the ops, hence the layout, are fixed once built
+        return len(self.kv_layout()[0])
 
     def block_bytes(self) -> int:
         """Bytes of one KV block id (K and V of every attention layer that can use it)."""

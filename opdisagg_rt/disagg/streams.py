@@ -47,10 +47,7 @@ class StreamScheduler:
         min(self.scheds, key=lambda s: len(s.requests)).add_request(req)  # balance the streams
 
     def has_unfinished(self) -> bool:
-        if any(s.has_unfinished() for s in self.scheds) or self.order:
-            return True
-        self.runner.collected_at.clear()  # the engine goes idle: its next steps are no turnarounds
-        return False
+        return any(s.has_unfinished() for s in self.scheds) or bool(self.order)
 
     def _owner(self, req) -> Scheduler:
         return next((s for s in self.scheds if req.request_id in s.requests), self.scheds[self.current])
@@ -62,7 +59,8 @@ class StreamScheduler:
             self.deferred.append((req, status))
             return
         self._owner(req).finish(req, status)
-        self.has_unfinished()  # the last one: the engine goes idle
+        if not self.has_unfinished():  # the engine goes idle: its next steps are no turnarounds
+            self.runner.collected_at.clear()
 
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]):
         return self.scheds[self.current].update_from_output(out, sampled)
