@@ -21,7 +21,7 @@ import math
 import torch
 
 from opdisagg_rt.cache.kv_cache_manager import KVCacheSpec, KVGroupSpec
-from opdisagg_rt.cache.state_pool import StatePool
+from opdisagg_rt.cache.state_pool import StatePool, StateSpec, state_specs
 from opdisagg_rt.layers.attention import AttentionOp
 from opdisagg_rt.layers.base import Op
 from opdisagg_rt.models.executor import run_ops
@@ -62,10 +62,6 @@ class ModelRunner:
 
     # -- KV cache layout --------------------------------------------------------------------------
 
-    def state_ops(self) -> list[Op]:
-        """Operations holding a per-sequence state (linear attention): they expose state_spec()."""
-        return [op for op in self.ops if callable(getattr(op, "state_spec", None))]
-
     def kv_layout(self) -> tuple[list[KVGroupSpec], dict[str, tuple[int, int]], int]:
         """(groups, {layer name: (group, tensor pair)}, number of tensor pairs)."""
         by_window: dict[int | None, list] = {}
@@ -102,20 +98,26 @@ class ModelRunner:
             per_pair[where[op.name][1]] = 2 * self.block_size * op.num_kv_heads * op.head_dim * elem
         return sum(per_pair.values())
 
-    def allocate_kv_cache(self, budget_bytes: int) -> int:
-        states = {op.name: op.state_spec() for op in self.state_ops()}
+    def num_kv_blocks(self, budget_bytes: int, states: dict[str, StateSpec]) -> int:
+        """KV blocks the budget holds once the linear-attention `states` of max_num_seqs sequences
+        are set aside (the disaggregated runner counts the same blocks for its stages)."""
         state_bytes = StatePool.slot_bytes(states) * self.max_num_seqs if states else 0
         if state_bytes:
             if state_bytes >= budget_bytes:
                 raise ValueError(f"kv_cache_memory of {budget_bytes} bytes cannot hold the linear-attention "
                                  f"states of {self.max_num_seqs} sequences ({state_bytes} bytes)")
             budget_bytes -= state_bytes
-        groups, where, pairs = self.kv_layout()
         block_bytes = self.block_bytes() if self.attn_ops else 0
         num_blocks = budget_bytes // block_bytes if block_bytes else 2
         if num_blocks < 2:
             raise ValueError(f"kv_cache_memory of {budget_bytes} bytes holds {num_blocks} KV blocks "
                              f"of {block_bytes} bytes; need at least 2")
+        return num_blocks
+
+    def allocate_kv_cache(self, budget_bytes: int) -> int:
+        states = state_specs(self.ops)
+        num_blocks = self.num_kv_blocks(budget_bytes, states)
+        groups, where, pairs = self.kv_layout()
         caches = {}
         for op in self.attn_ops:
             g, j = where[op.name]
@@ -127,8 +129,7 @@ class ModelRunner:
             op.kv_group = g  # which group's slot mapping / block tables this layer reads
         if states:
             self.state_pool = StatePool(states, self.max_num_seqs)
-            for op in self.state_ops():
-                op.bind_state(self.state_pool.conv[op.name], self.state_pool.recurrent[op.name])
+            self.state_pool.bind(self.ops)
         self.kv_spec = KVCacheSpec(groups, self.state_pool)
         self.num_blocks = num_blocks
         if len(groups) > 1 or groups[0].window is not None:
@@ -136,7 +137,7 @@ class ModelRunner:
             per_seq = [f"window {g.window}: <= {-(-g.window // bs) + 1} blocks/seq" if g.window is not None
                        else "full: all blocks" for g in groups]
             logger.info("KV cache: %d blocks of %d bytes (%d layers each) shared by %d groups (%s)",
-                        num_blocks, block_bytes, pairs, len(groups), "; ".join(per_seq))
+                        num_blocks, self.block_bytes(), pairs, len(groups), "; ".join(per_seq))
         return num_blocks
 
     # -- steps ------------------------------------------------------------------------------------

@@ -37,6 +37,11 @@ class StateSpec:
         return n * conv + m * 4  # the recurrent state is always float32
 
 
+def state_specs(ops) -> dict[str, StateSpec]:
+    """The per-sequence state of every linear-attention op among `ops` (those with state_spec())."""
+    return {op.name: op.state_spec() for op in ops if callable(getattr(op, "state_spec", None))}
+
+
 class StatePool:
     def __init__(self, specs: dict[str, StateSpec], num_slots: int):
         if num_slots < 1:
@@ -54,6 +59,12 @@ class StatePool:
     @staticmethod
     def slot_bytes(specs: dict[str, StateSpec]) -> int:
         return sum(s.nbytes() for s in specs.values())
+
+    def bind(self, ops) -> None:
+        """Give every op this pool holds states for its [num_slots, ...] tensors."""
+        for op in ops:
+            if op.name in self.specs:
+                op.bind_state(self.conv[op.name], self.recurrent[op.name])
 
     @property
     def num_free(self) -> int:

@@ -34,7 +34,7 @@ from opdisagg_rt.disagg.worker import (FAILED, READY, S_PID, S_STATE, S_STEP, S_
                                        worker_main)
 from opdisagg_rt.layers.attention import AttentionOp
 from opdisagg_rt.cache.kv_cache_manager import KVCacheSpec
-from opdisagg_rt.cache.state_pool import StatePool
+from opdisagg_rt.cache.state_pool import StatePool, state_specs
 from opdisagg_rt.model_runner import ModelRunner
 from opdisagg_rt.models.executor import run_ops
 from opdisagg_rt.models.loader import LoadedModel
@@ -74,7 +74,7 @@ class DisaggRunner(ModelRunner):
         self.sigs = [OpSig(op.name, tuple(op.reads), tuple(op.writes)) for op in mops]
         self.attn_ops = [op for op in mops if isinstance(op, AttentionOp)]
         # linear-attention layers: per-sequence states live where their `attn` operations run
-        self.state_specs = {op.name: op.state_spec() for op in mops if callable(getattr(op, "state_spec", None))}
+        self.state_specs = state_specs(mops)
         self.spec: StageSpec = parse_stage_spec(stage_spec, [s.name for s in self.sigs])
         self.graph = build_graph(self.sigs, self.spec.owner)
         # `streams: true`: the micro-batches are independent request streams, each with its own
@@ -114,15 +114,7 @@ class DisaggRunner(ModelRunner):
         (and its linear-attention layers' state slots, as many as max_num_seqs)."""
         if self.inline:
             return self._allocate_inline(budget_bytes)
-        state_bytes = StatePool.slot_bytes(self.state_specs) * self.max_num_seqs if self.state_specs else 0
-        if state_bytes >= budget_bytes:
-            raise ValueError(f"kv_cache_memory of {budget_bytes} bytes cannot hold the linear-attention "
-                             f"states of {self.max_num_seqs} sequences ({state_bytes} bytes)")
-        num_blocks = (budget_bytes - state_bytes) // self.block_bytes()
-        if num_blocks < 2:
-            raise ValueError(f"kv_cache_memory of {budget_bytes} bytes holds {num_blocks} KV blocks "
-                             f"of {self.block_bytes()} bytes; need at least 2")
-        self.num_blocks = num_blocks
+        self.num_blocks = num_blocks = self.num_kv_blocks(budget_bytes, self.state_specs)
         # the engine's block manager sees every KV cache group (sliding-window blocks are freed as
         # in the colocated engine); each stage binds its own layers' caches by the same layout.
         # State slots are handed out here (a pool without tensors); the stages hold the states.

@@ -19,7 +19,7 @@ from collections import deque
 
 import torch
 
-from opdisagg_rt.cache.state_pool import StatePool
+from opdisagg_rt.cache.state_pool import StatePool, state_specs
 from opdisagg_rt.config import ModelConfig
 from opdisagg_rt.disagg.graph import DRIVER, OpSig, StageGraph, build_graph
 from opdisagg_rt.disagg.meta import decode_batch, num_meta_tensors
@@ -182,11 +182,10 @@ def build_stage(cfg: dict) -> tuple[list[Op], StageProgram, dict]:
                 kv_bytes += 2 * caches[j][0].numel() * caches[j][0].element_size()
             op.bind_cache(*caches[j])
             op.kv_group = g
-    states = {op.name: op.state_spec() for op in ops if callable(getattr(op, "state_spec", None))}
+    states = state_specs(ops)
     pool = StatePool(states, cfg["state_slots"]) if states else None
-    for op in ops if pool is not None else ():
-        if op.name in states:
-            op.bind_state(pool.conv[op.name], pool.recurrent[op.name])
+    if pool is not None:
+        pool.bind(ops)
     sigs = [OpSig(n, tuple(r), tuple(w)) for n, r, w in cfg["sigs"]]
     graph = build_graph(sigs, cfg["owner"])
     memory = {"weights_bytes": sum(op.nbytes() for op in ops), "kv_cache_bytes": kv_bytes,
