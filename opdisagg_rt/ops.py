@@ -139,17 +139,16 @@ def amx_available() -> bool:
 
 def pack_weight_amx(weight: torch.Tensor) -> torch.Tensor:
     """``[N, K]`` bf16 weight -> ``[ceil(N/32), ceil(K/32), 2, 16, 32]``, zero padded: for each
-    block of 32 output columns and step of 32 inputs, two AMX B tiles (16 input pairs x 16
-    columns, the pair of each column adjacent), 2 KiB contiguous."""
+    block of 32 output columns and step of 32 inputs, two AMX A tiles (16 columns x 32 inputs),
+    2 KiB contiguous: element ``[nb, kb, t, i, j] = W[32nb + 16t + i, 32kb + j]``."""
     if weight.dim() != 2 or weight.dtype != torch.bfloat16:
         raise ValueError(f"pack_weight_amx: weight must be a 2-D bfloat16 [N, K] tensor, got "
                          f"{weight.dtype} {tuple(weight.shape)}")
     n, k = weight.shape
     nb, kb = -(-n // 32), -(-k // 32)
     padded = torch.nn.functional.pad(weight, (0, kb * 32 - k, 0, nb * 32 - n))
-    # [nb, t, n16, kb, r, p] -> [nb, kb, t, r, n16, p]
-    tiles = padded.view(nb, 2, 16, kb, 16, 2).permute(0, 3, 1, 4, 2, 5)
-    return tiles.contiguous().view(nb, kb, 2, 16, 32)
+    # [nb, t, i, kb, j] -> [nb, kb, t, i, j]
+    return padded.view(nb, 2, 16, kb, 32).permute(0, 3, 1, 2, 4).contiguous()
 
 
 def linear_amx(input: torch.Tensor, packed: torch.Tensor, out_features: int,
@@ -168,23 +167,18 @@ def linear_amx(input: torch.Tensor, packed: torch.Tensor, out_features: int,
 def pack_weight_amx_q4_1(blocks: torch.Tensor) -> torch.Tensor:
     """GGUF Q4_1 rows ``uint8 [N, K/32, 20]`` (per block: float16 d, float16 m, 16 bytes of
     nibbles, element j low / j + 16 high) -> ``uint8 [ceil(N/32), K/32, 640]`` for
-    :func:`linear_amx_q4_1`. Per (32 columns, 32 inputs): 512 bytes of quants ``[t][r][j]``
-    whose low nibble is column ``16t + j//2``, input ``2r + j%2`` and high nibble column
-    ``16t + 8 + j//2``, same input (the order one bf16 conversion emits an AMX B-tile row in),
-    then float16 ``d[t][n]`` and ``m[t][n]``. Padding columns are zero (d = m = 0)."""
+    :func:`linear_amx_q4_1`. Per (32 columns, 32 inputs): the 16 nibble bytes of each column's
+    block as GGUF stores them (one AMX A-tile row each), then float16 ``d[32]`` and ``m[32]``.
+    Padding columns are zero (d = m = 0)."""
     if blocks.dim() != 3 or blocks.dtype != torch.uint8 or blocks.shape[2] != 20:
         raise ValueError(f"pack_weight_amx_q4_1: blocks must be uint8 [N, K/32, 20] (GGUF Q4_1), got "
                          f"{blocks.dtype} {tuple(blocks.shape)}")
     n, kb = blocks.shape[:2]
     nb = -(-n // 32)
     blocks = torch.nn.functional.pad(blocks, (0, 0, 0, 0, 0, nb * 32 - n))
-    qs = blocks[..., 4:]
-    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1)  # [N, kb, 32] quants in input order
-    # [nb, t, half, c8, kb, r, p] -> [nb, kb, t, r, half, c8, p]: row position 2*c8 + p of each half
-    q = q.view(nb, 2, 2, 8, kb, 16, 2).permute(0, 4, 1, 5, 2, 3, 6).reshape(nb, kb, 2, 16, 2, 16)
-    quants = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(nb, kb, 512)
-    dm = blocks[..., :4].contiguous().view(torch.float16).view(nb, 2, 16, kb, 2)  # [nb, t, n, kb, d|m]
-    scales = dm.permute(0, 3, 1, 4, 2).contiguous().view(torch.uint8).reshape(nb, kb, 128)
+    steps = blocks.view(nb, 32, kb, 20).transpose(1, 2)  # [nb, kb, column, block]
+    quants = steps[..., 4:].reshape(nb, kb, 512)
+    scales = steps[..., :4].reshape(nb, kb, 32, 2, 2).transpose(2, 3).reshape(nb, kb, 128)  # d[32], m[32]
     return torch.cat([quants, scales], dim=-1).contiguous()
 
 
@@ -211,21 +205,16 @@ def linear_amx_q4_1(input: torch.Tensor, packed: torch.Tensor, out_features: int
 
 def pack_weight_amx_q8_0(blocks: torch.Tensor) -> torch.Tensor:
     """GGUF Q8_0 rows ``uint8 [N, K/32, 34]`` (per block: float16 d, 32 int8) -> ``uint8
-    [ceil(N/32), K/32, 1088]`` for :func:`linear_amx_q8_0`: per (32 columns, 32 inputs) 1024
-    int8 quants ``[t][r][j]`` (position j < 16: column ``16t + j//2``; j >= 16: column
-    ``16t + 8 + (j-16)//2``; input ``2r + j%2``), then float16 ``d[t][n]``."""
+    [ceil(N/32), K/32, 1088]`` for :func:`linear_amx_q8_0`: per (32 columns, 32 inputs) the
+    32 int8 quants of each column's block (one AMX A-tile row each), then float16 ``d[32]``."""
     if blocks.dim() != 3 or blocks.dtype != torch.uint8 or blocks.shape[2] != 34:
         raise ValueError(f"pack_weight_amx_q8_0: blocks must be uint8 [N, K/32, 34] (GGUF Q8_0), got "
                          f"{blocks.dtype} {tuple(blocks.shape)}")
     n, kb = blocks.shape[:2]
     nb = -(-n // 32)
     blocks = torch.nn.functional.pad(blocks, (0, 0, 0, 0, 0, nb * 32 - n))
-    q = blocks[..., 2:]  # [N, kb, 32] int8 bytes in input order
-    # [nb, t, half, c8, kb, r, p] -> [nb, kb, t, r, half, c8, p]
-    quants = q.reshape(nb, 2, 2, 8, kb, 16, 2).permute(0, 4, 1, 5, 2, 3, 6).reshape(nb, kb, 1024)
-    d = blocks[..., :2].contiguous().view(torch.float16).view(nb, 2, 16, kb)  # [nb, t, n, kb]
-    scales = d.permute(0, 3, 1, 2).contiguous().view(torch.uint8).reshape(nb, kb, 64)
-    return torch.cat([quants, scales], dim=-1).contiguous()
+    steps = blocks.view(nb, 32, kb, 34).transpose(1, 2)  # [nb, kb, column, block]
+    return torch.cat([steps[..., 2:].reshape(nb, kb, 1024), steps[..., :2].reshape(nb, kb, 64)], dim=-1).contiguous()
 
 
 def dequantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:

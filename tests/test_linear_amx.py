@@ -18,11 +18,10 @@ def test_pack_layout_matches_the_documented_formula():
     w = torch.arange(n * k, dtype=torch.float32).remainder(251).view(n, k).bfloat16()
     packed = ops.pack_weight_amx(w)
     assert packed.shape == (2, 3, 2, 16, 32)
-    for nb, kb, t, r, c in [(0, 0, 0, 0, 0), (1, 2, 0, 2, 5), (0, 1, 1, 15, 31), (1, 0, 0, 7, 9)]:
-        col, pair = divmod(c, 2)
-        row, inp = 32 * nb + 16 * t + col, 32 * kb + 2 * r + pair
+    for nb, kb, t, i, j in [(0, 0, 0, 0, 0), (1, 2, 0, 2, 5), (0, 1, 1, 15, 31), (1, 0, 0, 7, 9), (0, 2, 1, 3, 7)]:
+        row, inp = 32 * nb + 16 * t + i, 32 * kb + j
         expected = w[row, inp] if row < n and inp < k else 0
-        assert packed[nb, kb, t, r, c] == expected
+        assert packed[nb, kb, t, i, j] == expected
 
 
 def reference(x, w, b):
