@@ -419,8 +419,8 @@ void linear_amx_run(at::Tensor& out, const at::Tensor& input, const at::Tensor& 
   if (M == 0 || N == 0) return;
   const int64_t Kb = packed.size(1), Nb = packed.size(0);
   const int64_t Mp = (M + kTileRows - 1) / kTileRows * kTileRows, Kp = Kb * kStepK;
-  // The input's B tiles are gathered from its rows in place when K fills whole k steps, else from
-  // a zero-padded copy (K % 32 != 0: only bf16 weights of odd shapes).
+  // The input's B tiles are read from its rows in place when K fills whole k steps, else from a
+  // zero-padded copy (K % 32 != 0: only bf16 weights of odd shapes).
   at::Tensor a = input;
   if (K != Kp || input.stride(1) != 1) {
     a = at::zeros({M, Kp}, input.options());
@@ -428,7 +428,8 @@ void linear_amx_run(at::Tensor& out, const at::Tensor& input, const at::Tensor& 
   }
   // Reused across calls: allocating a tensor per call cost 9-29 us on SmolLM2's shapes (measured).
   thread_local std::vector<uint16_t, AlignedAlloc<uint16_t>> xt;
-  if (int64_t(xt.size()) < Mp * Kb * 512) xt.resize(Mp * Kb * 512);
+  const int64_t xt_elems = Mp / kTileRows * Kb * 512;  // one 1 KiB tile per (16 rows, k step)
+  if (int64_t(xt.size()) < xt_elems) xt.resize(xt_elems);
   const auto* rows = static_cast<const uint16_t*>(a.const_data_ptr());
   at::parallel_for(0, Mp / kTileRows, 4, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) transpose_rows(rows, a.stride(0), M, Kb, c, xt.data());
