@@ -10,8 +10,8 @@
 // The weight is the A operand and the input the B operand (y^T = W x^T): an A tile row is 32
 // consecutive inputs of one output column, i.e. exactly one GGUF block with one (d, m), so a
 // GGUF row expands through a 16-entry table and one word permute instead of per-weight float
-// math (16 rows, one thread: 143 -> 122 ns per k step of Q4_1 weights; the SmolLM2 forward at
-// 16 rows on one thread 7% faster, measured in alternating processes). The input is transposed
+// math (16 rows, one thread: 143 -> 122 ns per k step of Q4_1 weights in one pair of runs; the
+// SmolLM2 forward at 16 rows on one thread 7% faster over three pairs, alternating processes). The input is transposed
 // once per call into B tiles (16 input pairs x 16 rows, each row's pair adjacent), and each C
 // tile (16 columns x 16 rows, fp32) is transposed back when it is stored.
 //
