@@ -167,9 +167,9 @@ def linear_amx(input: torch.Tensor, packed: torch.Tensor, out_features: int,
 def pack_weight_amx_q4_1(blocks: torch.Tensor) -> torch.Tensor:
     """GGUF Q4_1 rows ``uint8 [N, K/32, 20]`` (per block: float16 d, float16 m, 16 bytes of
     nibbles, element j low / j + 16 high) -> ``uint8 [ceil(N/32), K/32, 640]`` for
-    :func:`linear_amx_q4_1`. Per (32 columns, 32 inputs): the 16 nibble bytes of each column's
-    block as GGUF stores them (one AMX A-tile row each), then float16 ``d[32]`` and ``m[32]``.
-    Padding columns are zero (d = m = 0)."""
+    :func:`linear_amx_q4_1`. Per (32 columns, 32 inputs): for each column pair ``(2p, 2p + 1)``
+    32 bytes, byte ``j`` = ``q[2p][j] | q[2p + 1][j] << 4`` (input j's quants of the two
+    columns), then float16 ``d[32]`` and ``m[32]``. Padding columns are zero (d = m = 0)."""
     if blocks.dim() != 3 or blocks.dtype != torch.uint8 or blocks.shape[2] != 20:
         raise ValueError(f"pack_weight_amx_q4_1: blocks must be uint8 [N, K/32, 20] (GGUF Q4_1), got "
                          f"{blocks.dtype} {tuple(blocks.shape)}")
@@ -177,9 +177,11 @@ def pack_weight_amx_q4_1(blocks: torch.Tensor) -> torch.Tensor:
     nb = -(-n // 32)
     blocks = torch.nn.functional.pad(blocks, (0, 0, 0, 0, 0, nb * 32 - n))
     steps = blocks.view(nb, 32, kb, 20).transpose(1, 2)  # [nb, kb, column, block]
-    quants = steps[..., 4:].reshape(nb, kb, 512)
+    nibbles = steps[..., 4:]
+    q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=-1)  # [nb, kb, column, input]
+    pairs = (q[:, :, 0::2] | (q[:, :, 1::2] << 4)).reshape(nb, kb, 512)
     scales = steps[..., :4].reshape(nb, kb, 32, 2, 2).transpose(2, 3).reshape(nb, kb, 128)  # d[32], m[32]
-    return torch.cat([quants, scales], dim=-1).contiguous()
+    return torch.cat([pairs, scales], dim=-1).contiguous()
 
 
 def dequantize_q4_1(blocks: torch.Tensor) -> torch.Tensor:
