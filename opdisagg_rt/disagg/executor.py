@@ -290,8 +290,8 @@ class DisaggRunner(ModelRunner):
         visits = len(self.graph.visits)
         for i, p in enumerate(parts):
             header, tensors = encode_batch(p)
+            nb = metadata_bytes(header, tensors)
             header.update(kind="step", step=self.step_id, mb=i, n=len(parts))
-            nb = metadata_bytes(p)
             self.counters["meta_bytes"] += nb * len(self.spec.stages)
             self.counters["meta_bytes_uncached"] += nb * visits  # what every visit would carry
             for s in self.spec.stages:

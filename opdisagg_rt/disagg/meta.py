@@ -2,6 +2,7 @@
 split, and the decode-first row order with its inverse permutation."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -56,10 +57,12 @@ def decode_batch(header: dict, tensors: Sequence[torch.Tensor]) -> StepBatch:
     return batch
 
 
-def metadata_bytes(batch: StepBatch) -> int:
-    import json
-    header, tensors = encode_batch(batch)
-    return len(json.dumps(header, separators=(",", ":"))) + sum(t.numel() * t.element_size() for t in tensors)
+_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
+def metadata_bytes(header: dict, tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes of one step message as encode_batch gives it: the JSON header and the tensors."""
+    return len(_JSON.encode(header)) + sum(t.nbytes for t in tensors)
 
 
 def split_micro_batches(scheduled: list, parts: int) -> list[list]:
