@@ -2,19 +2,28 @@
 from __future__ import annotations
 
 
+def timeline_window(traces: dict[str, list], last_s: float = 1.0,
+                    window: tuple[float, float] | None = None) -> tuple[float, float]:
+    """The `last_s` span plot_timeline draws: from the middle of `window` (a run's perf_counter
+    span; default: of the traced units) where every stage's trace covers it: steady state, not the
+    tail. (The traces keep each stage's last units: a many-visit spec's cover only the end of a
+    long run.)"""
+    if window is None:
+        times = sorted(u[0] for tr in traces.values() for u in tr)
+        start = times[len(times) // 2] - last_s / 2
+    else:
+        covered = max([window[0]] + [tr[0][0] for tr in traces.values()])
+        start = max(covered, (covered + window[1]) / 2 - last_s / 2)
+    return start, start + last_s
+
+
 def plot_timeline(stats: dict, path: str, last_s: float = 1.0, window: tuple[float, float] | None = None) -> None:
-    """A `last_s` window from the middle of `window` (a run's perf_counter span; default: of the
-    traced units): steady state, not the tail."""
+    """Each stage's busy units over timeline_window(...)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     stages = {k: v["trace"] for k, v in stats["stages"].items() if v.get("trace")}
-    if window is None:
-        times = sorted(u[0] for tr in stages.values() for u in tr)
-        start = times[len(times) // 2] - last_s / 2
-    else:
-        start = (window[0] + window[1]) / 2 - last_s / 2
-    end = start + last_s
+    start, end = timeline_window(stages, last_s, window)
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
     fig, ax = plt.subplots(figsize=(10, 1 + 0.6 * len(stages)))
     for row, (name, tr) in enumerate(stages.items()):

@@ -2,6 +2,7 @@
 and its colocated peer alternate over --repeats rounds, each side reporting its median run."""
 from __future__ import annotations
 
+import pytest
 import yaml
 
 
@@ -37,3 +38,18 @@ def test_busy_fraction_of_the_last_run_leaves_out_the_time_between_runs():
     tail = {"stages": {"s0": {"trace": stats["stages"]["s0"]["trace"][2:]}}}
     assert trace_utilization(tail, (5.0, 14.0)) == {"s0": 1.0}
     assert trace_utilization(stats, (12.0, 16.0)) == {"s0": 0.5}  # idle after the last unit
+
+
+def test_timeline_window_lies_where_every_trace_covers_the_run():
+    from opdisagg_rt.disagg.plots import timeline_window
+    # a 10 s run whose traces kept only their last 2 s (a many-visit spec fills them fast)
+    traces = {"s0": [[8.0 + 0.1 * i, 8.05 + 0.1 * i, i % 2, 0] for i in range(20)],
+              "s1": [[8.5 + 0.1 * i, 8.55 + 0.1 * i, i % 2, 1] for i in range(15)]}
+    start, end = timeline_window(traces, 1.0, (0.0, 10.0))
+    # the middle of the covered part (8.5-10 s), not of the run (4.5-5.5 s), which no trace covers
+    assert (start, end) == pytest.approx((8.75, 9.75))
+    for tr in traces.values():
+        assert any(start <= u[0] <= end for u in tr)
+    # traces covering the whole run: its middle
+    full = {"s0": [[0.1 * i, 0.1 * i + 0.05, 0, 0] for i in range(100)]}
+    assert timeline_window(full, 1.0, (0.0, 10.0)) == pytest.approx((4.5, 5.5))
