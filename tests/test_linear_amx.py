@@ -137,6 +137,25 @@ def random_q4_1_blocks(n, k, seed=0):
     return torch.cat([d.view(torch.uint8).view(n, kb, 2), m.view(torch.uint8).view(n, kb, 2), qs], -1)
 
 
+def test_pack_q4_1_layout_matches_the_documented_formula():
+    n, k = 37, 64
+    blocks = random_q4_1_blocks(n, k, seed=3)
+    packed = ops.pack_weight_amx_q4_1(blocks)
+    assert packed.shape == (2, 2, 640)
+    qs = blocks[..., 4:].long()
+    q = torch.cat([qs & 15, qs >> 4], -1)  # [n, kb, input]: GGUF holds input j low, j + 16 high
+    for nb, kb, p, j in [(0, 0, 0, 0), (0, 1, 5, 17), (1, 0, 2, 31), (1, 1, 15, 9), (0, 0, 9, 16)]:
+        first, second = 32 * nb + 2 * p, 32 * nb + 2 * p + 1
+        lo = int(q[first, kb, j]) if first < n else 0
+        hi = int(q[second, kb, j]) if second < n else 0
+        assert int(packed[nb, kb, 32 * p + j]) == lo | hi << 4
+    for nb, kb, c in [(0, 0, 0), (1, 1, 4), (0, 1, 31), (1, 0, 6)]:
+        col = 32 * nb + c
+        d, m = (blocks[col, kb, 0:2], blocks[col, kb, 2:4]) if col < n else (torch.zeros(2, dtype=torch.uint8),) * 2
+        assert torch.equal(packed[nb, kb, 512 + 2 * c:514 + 2 * c], d)
+        assert torch.equal(packed[nb, kb, 576 + 2 * c:578 + 2 * c], m)
+
+
 def test_dequantize_q4_1_matches_the_gguf_loader():
     from opdisagg_rt.models.gguf_loader import _q4_1
     blocks = random_q4_1_blocks(7, 96)

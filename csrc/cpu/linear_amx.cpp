@@ -254,13 +254,15 @@ struct Q4_1Source {
     const __m512 q = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512i upper = _mm512_set1_epi16(16);
     for (int i = 0; i < 8; i += 2) {
-      const __m512i quants = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(step + (col0 + i) * 16)));
+      const __m512i quants =
+          _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(step + (col0 + i) * 16)));
       const __m512 first = _mm512_fmadd_ps(q, _mm512_set1_ps(d[i]), _mm512_set1_ps(m[i]));
       const __m512 second = _mm512_fmadd_ps(q, _mm512_set1_ps(d[i + 1]), _mm512_set1_ps(m[i + 1]));
       // words 0-15: the second column's values, 16-31: the first's
       const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(first, second);
-      // first column: its nibble in bits 0-3 (the second's above them are ignored past bit 4), bit 4 set
-      _mm512_storeu_si512(dst + (col0 + i) * 32, _mm512_permutexvar_epi16(_mm512_or_si512(quants, upper), table));
+      // first column: its nibble in bits 0-3, bit 4 set (the permute reads bits 0-4 only)
+      _mm512_storeu_si512(dst + (col0 + i) * 32,
+                          _mm512_permutexvar_epi16(_mm512_or_si512(quants, upper), table));
       _mm512_storeu_si512(dst + (col0 + i + 1) * 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(quants, 4), table));
     }
   }
