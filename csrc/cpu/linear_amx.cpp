@@ -21,7 +21,6 @@
 // W[32 nb + 16 t + i, 32 kb + j]; for each (column block, k step) two A tiles of 16 columns x
 // 32 inputs, 2 KiB contiguous.
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
