@@ -92,6 +92,33 @@ def test_residual_is_added_as_a_bf16_add_of_the_rounded_projection(m, kind):
 
 
 @needs_amx
+@pytest.mark.parametrize("kind", ["bf16", "q4_1", "q8_0"])
+def test_many_rows_on_two_threads(kind):
+    # Past 64 rows the input's transpose is split over the threads, which must all write the
+    # calling thread's buffer (a worker writing its own thread_local one crashed or left rows stale).
+    n, k, m = 70, 96, 160
+    x = torch.randn(m, k).bfloat16()
+    if kind == "bf16":
+        w = (torch.randn(n, k) * 0.1).bfloat16()
+        run = lambda: ops.linear_amx(x, ops.pack_weight_amx(w), n)
+    elif kind == "q4_1":
+        blocks = random_q4_1_blocks(n, k, seed=7)
+        w = ops.dequantize_q4_1(blocks).bfloat16()
+        run = lambda: ops.linear_amx_q4_1(x, ops.pack_weight_amx_q4_1(blocks), n)
+    else:
+        blocks = random_q8_0_blocks(n, k, seed=7)
+        w = ops.dequantize_q8_0(blocks).bfloat16()
+        run = lambda: ops.linear_amx_q8_0(x, ops.pack_weight_amx_q8_0(blocks), n)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = run()
+    finally:
+        torch.set_num_threads(threads)
+    assert_within_one_rounding(y, reference(x, w, None))
+
+
+@needs_amx
 def test_linear_layer_adds_the_residual_on_every_path():
     w = (torch.randn(64, 96) * 0.1).bfloat16()
     lin = Linear(w)

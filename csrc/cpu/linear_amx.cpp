@@ -433,11 +433,13 @@ void linear_amx_run(at::Tensor& out, const at::Tensor& input, const at::Tensor& 
   const int64_t xt_elems = Mp / kTileRows * Kb * 512;  // one 1 KiB tile per (16 rows, k step)
   if (int64_t(xt.size()) < xt_elems) xt.resize(xt_elems);
   const auto* rows = static_cast<const uint16_t*>(a.const_data_ptr());
+  // The calling thread's buffer, by pointer: inside the lambda `xt` would name each worker's own.
+  uint16_t* const xt_data = xt.data();
   at::parallel_for(0, Mp / kTileRows, 4, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) transpose_rows(rows, a.stride(0), M, Kb, c, xt.data());
+    for (int64_t c = c0; c < c1; ++c) transpose_rows(rows, a.stride(0), M, Kb, c, xt_data);
   });
   const auto bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const Args g{xt.data(), packed.const_data_ptr(),
+  const Args g{xt_data, packed.const_data_ptr(),
                bias_c.defined() ? static_cast<const uint16_t*>(bias_c.const_data_ptr()) : nullptr,
                residual.has_value() ? static_cast<const uint16_t*>(residual->const_data_ptr()) : nullptr,
                static_cast<uint16_t*>(out.data_ptr()), M, N, Mp, Kb, out.stride(0),
