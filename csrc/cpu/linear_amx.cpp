@@ -221,9 +221,10 @@ struct Bf16Source {
   }
 };
 
-// The GGUF sources expand a quarter (`part`: A tile part / 2, its rows 8 (part % 2) .. + 8) of k
-// step kb of column block nb into dst (the step's two A tiles, 2 KiB) right before the tiles
-// read it (see run_blocks). Each tile row is one GGUF block of one column.
+// The GGUF sources expand a quarter (`part`: columns 8 part .. 8 part + 7 of the block, i.e. A
+// tile part / 2, its rows 8 (part % 2) .. + 8) of k step kb of column block nb into dst (the
+// step's two A tiles, 2 KiB) right before the tiles read it (see run_blocks). Each tile row is
+// one GGUF block of one column.
 //
 // Q4_1, 0.625 bytes per weight: packed by ops.pack_weight_amx_q4_1 as uint8 [Nb, Kb, 640] per
 // (column block, k step): for each pair of columns (2 p, 2 p + 1), 32 bytes, byte j = input j's
@@ -280,7 +281,7 @@ struct Q8_0Source {
       const char* ahead = reinterpret_cast<const char*>(step + kPrefetchSteps * kQ8StepBytes);
       for (int line = 0; line < kQ8StepBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
     }
-    const int col0 = 16 * (part / 2) + 8 * (part % 2);
+    const int col0 = 8 * part;
     alignas(32) float d[8];
     _mm256_store_ps(d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(step + 1024 + 2 * col0))));
     asm volatile("" ::: "memory");  // broadcast each scale from memory (a load), not by shuffles
