@@ -154,7 +154,6 @@ class ModelRunner:
         tokens, positions, query_lens, seq_lens, logits_rows, cu = [], [], [], [], [], [0]
         tables: list[list[list[int]]] = [[] for _ in range(num_groups)]
         slots: list[list[int]] = [[] for _ in range(num_groups)]
-        row = 0
         for s in scheduled:
             r, n = s.request, s.num_new_tokens
             start = r.num_computed_tokens
@@ -182,10 +181,9 @@ class ModelRunner:
                     slots[g].extend([t[p // bs] * bs + p % bs for p in range(start, end)])
             query_lens.append(n)
             seq_lens.append(end)
-            row += n
-            cu.append(row)
+            cu.append(cu[-1] + n)
             if s.samples:
-                logits_rows.append(row - 1)
+                logits_rows.append(cu[-1] - 1)
         num_decodes = sum(1 for n in query_lens if n == 1)
         block_tables = []
         for g in range(num_groups):

@@ -2,12 +2,12 @@
 split, and the decode-first row order with its inverse permutation."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from opdisagg_rt.disagg.transport import HEADER_JSON
 from opdisagg_rt.step_batch import StepBatch
 
 _TENSORS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables",
@@ -57,12 +57,9 @@ def decode_batch(header: dict, tensors: Sequence[torch.Tensor]) -> StepBatch:
     return batch
 
 
-_JSON = json.JSONEncoder(separators=(",", ":"))
-
-
 def metadata_bytes(header: dict, tensors: Sequence[torch.Tensor]) -> int:
     """Bytes of one step message as encode_batch gives it: the JSON header and the tensors."""
-    return len(_JSON.encode(header)) + sum(t.nbytes for t in tensors)
+    return len(HEADER_JSON.encode(header)) + sum(t.nbytes for t in tensors)
 
 
 def split_micro_batches(scheduled: list, parts: int) -> list[list]:

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from opdisagg_rt.disagg.transport import DTYPE_NAMES, DTYPES
+from opdisagg_rt.disagg.transport import DTYPE_NAMES, DTYPES, HEADER_JSON
 
 SHM_DIR = "/dev/shm"
 PREFIX = "opdisagg-"
@@ -139,7 +139,7 @@ def pack_header(header: dict, tensors: Sequence[torch.Tensor], start: int = 0) -
     for t in tensors:
         table.append([DTYPE_NAMES[t.dtype], list(t.shape), off])
         off = _align(off + t.numel() * t.element_size())
-    raw = json.dumps({**header, "_t": table}, separators=(",", ":")).encode()
+    raw = HEADER_JSON.encode({**header, "_t": table}).encode()
     data0 = _align(start + 8 + len(raw))
     return raw, [data0 + e[2] for e in table], data0 + off
 
@@ -152,7 +152,6 @@ def pack_header(header: dict, tensors: Sequence[torch.Tensor], start: int = 0) -
 _PREFIX = struct.Struct("<qq")
 _CODES = {dt: i for i, dt in enumerate(DTYPES.values())}
 _BY_CODE = list(DTYPES.values())
-_JSON = json.JSONEncoder(separators=(",", ":"))  # one encoder: json.dumps(separators=...) builds one per call
 
 
 def _encode_table(tensors: Sequence[torch.Tensor]) -> tuple[bytes, list[int], int]:
@@ -227,7 +226,7 @@ class ShmRing:
             self._trim(self._tables)
         table, offs, data_bytes, prefix, nbytes = tab
         if header:
-            raw = _JSON.encode(header).encode()
+            raw = HEADER_JSON.encode(header).encode()
             prefix = _PREFIX.pack(len(table), len(raw)) + table + raw
         data0 = _align(len(prefix))
         if data0 + data_bytes > self.slot_bytes:
